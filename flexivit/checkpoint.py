@@ -1,0 +1,373 @@
+"""Loading and saving weights: big_vision ``.npz``, timm state dicts, and this project's own checkpoints.
+
+Every reader is safe: ``np.load(allow_pickle=False)``, safetensors, ``torch.load(weights_only=True)``; a file
+that needs pickled code to load is refused. Weights of any patch size are "flexified" on the way in: the
+kernel is PI-resized and the position embedding resized to the model's underlying sizes (paper Sec. 3.5).
+Keys that are missing, unexpected or wrongly shaped raise an error that lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import FlexiViT
+from .pi_resize import pi_resize_patch_embed, resize_posemb
+
+# Official big_vision releases (paper Sec. 3, Table 1; REFERENCE.md §4). Underlying sizes: 32x32 kernel, 7x7 posemb;
+# inputs are 240 px in [-1, 1].
+_BUCKET = "https://storage.googleapis.com/big_vision/flexivit/"
+RELEASES: dict[str, dict] = {
+    **{
+        f"flexivit_{v}_i1k{ep}": dict(file=f"flexivit_{v}_i1k{ep}.npz", model=f"flexivit_{name}", num_classes=1000)
+        for v, name in [("s", "small"), ("b", "base"), ("l", "large")]
+        for ep in ["", "_600ep", "_300ep", "_90ep"]
+    },
+    **{
+        f"flexivit_b_i21k_{ep}": dict(file=f"flexivit_b_i21k_{ep}.npz", model="flexivit_base", num_classes=21843)
+        for ep in ["1000ep", "300ep", "90ep"]
+    },
+    "vit_b16_i21k_300ep": dict(file="vit_b16_i21k_300ep.npz", model="vit_base_patch16", num_classes=21843),
+    "vit_b30_i21k_300ep": dict(file="vit_b30_i21k_300ep.npz", model="vit_base_patch30", num_classes=21843),
+}
+for _release in RELEASES.values():
+    _release["url"] = _BUCKET + _release["file"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------- files and cache
+
+
+def cache_dir() -> Path:
+    """Where downloaded releases live: ``$FLEXIVIT_CACHE`` or ``~/.cache/flexivit``."""
+    return Path(os.environ.get("FLEXIVIT_CACHE", Path.home() / ".cache" / "flexivit"))
+
+
+def release_path(name: str, download: bool = True) -> Path:
+    """Local path of an official release, downloading it into :func:`cache_dir` when missing and online."""
+    if name not in RELEASES:
+        raise KeyError(f"unknown release {name!r}; known releases: {', '.join(sorted(RELEASES))}")
+    release = RELEASES[name]
+    path = cache_dir() / release["file"]
+    if path.exists():
+        return path
+    if download:
+        try:
+            _download(release["url"], path)
+            return path
+        except (urllib.error.URLError, OSError) as e:
+            reason = f"the download failed ({e})"
+    else:
+        reason = "downloading is off"
+    raise FileNotFoundError(
+        f"release {name!r} is not in the cache and {reason}. Download {release['url']} on a machine that is "
+        f"online and put it at {path} (or set FLEXIVIT_CACHE to the folder that holds it)."
+    )
+
+
+def _download(url: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                while chunk := response.read(1 << 20):
+                    tmp.write(chunk)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)  # atomic: a broken download never leaves a truncated file under the real name
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- big_vision .npz
+
+
+def _bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    # numpy has no bfloat16: big_vision's files store it as 2-byte "void"; its bits are the top half of a float32.
+    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Flat ``{name: float32 array}`` of a big_vision checkpoint, without its ``params/`` / ``opt/target/`` prefix."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as e:  # numpy raises ValueError for object arrays when pickles are not allowed
+        raise CheckpointError(f"{path}: refusing to load pickled objects ({e})") from e
+    for prefix in ("opt/target/", "params/"):
+        if any(k.startswith(prefix) for k in arrays):
+            arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            break
+    out = {}
+    for key, value in arrays.items():
+        if value.dtype.kind == "V":
+            if value.dtype.itemsize != 2:
+                raise CheckpointError(f"{path}: array {key!r} has raw dtype {value.dtype}; only bfloat16 is known")
+            value = _bf16_to_float32(value)
+        out[key] = value.astype(np.float32)
+    return out
+
+
+def _block_names(params: dict[str, np.ndarray]) -> tuple[str, str, str]:
+    """(attention, second norm, mlp) module names: big_vision numbers them 0/1/0, the original ViT code 1/2/3."""
+    if any("MultiHeadDotProductAttention_0" in k for k in params):
+        return "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"
+    return "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"
+
+
+def convert_big_vision(params: dict[str, np.ndarray], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Map big_vision parameter names and layouts (flax: HWIO kernels, (in, out) dense) to this model's state dict."""
+    params = dict(params)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    used: set[str] = set()
+
+    def take(key: str) -> np.ndarray:
+        if key not in params:
+            raise CheckpointError(f"{source}: missing key {key!r}; it has {sorted(params)[:12]}...")
+        used.add(key)
+        return params[key]
+
+    # Scanned checkpoints hold each block parameter once with a leading depth axis: unstack them.
+    scanned = [k for k in params if k.startswith("Transformer/encoderblock/")]
+    for key in scanned:
+        stacked = params.pop(key)
+        for i, value in enumerate(stacked):
+            params[key.replace("encoderblock/", f"encoderblock_{i}/")] = value
+
+    sd = {
+        "patch_embed.proj.weight": t(take("embedding/kernel").transpose(3, 2, 0, 1)),  # HWIO -> OIHW
+        "patch_embed.proj.bias": t(take("embedding/bias")),
+        "norm.weight": t(take("Transformer/encoder_norm/scale")),
+        "norm.bias": t(take("Transformer/encoder_norm/bias")),
+    }
+    posemb_key = "pos_embedding" if "pos_embedding" in params else "Transformer/posembed_input/pos_embedding"
+    sd["pos_embed"] = t(take(posemb_key))
+    if "cls" in params:
+        sd["cls_token"] = t(take("cls"))
+    if "head/kernel" in params:
+        sd["head.weight"], sd["head.bias"] = t(take("head/kernel").T), t(take("head/bias"))
+
+    attn, norm2, mlp = _block_names(params)
+    depth = len({k.split("/")[1] for k in params if k.startswith("Transformer/encoderblock_")})
+    for i in range(depth):
+        p, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        sd[b + "norm1.weight"], sd[b + "norm1.bias"] = (
+            t(take(p + "LayerNorm_0/scale")),
+            t(take(p + "LayerNorm_0/bias")),
+        )
+        sd[b + "norm2.weight"], sd[b + "norm2.bias"] = (
+            t(take(p + f"{norm2}/scale")),
+            t(take(p + f"{norm2}/bias")),
+        )
+        # q/k/v kernels are (D, heads, head_dim): flatten the heads and stack q, k, v as timm's fused qkv does.
+        qkv = [take(p + f"{attn}/{n}/kernel") for n in ("query", "key", "value")]
+        sd[b + "attn.qkv.weight"] = t(np.concatenate([k.reshape(k.shape[0], -1).T for k in qkv]))
+        sd[b + "attn.qkv.bias"] = t(
+            np.concatenate([take(p + f"{attn}/{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+        )
+        out = take(p + f"{attn}/out/kernel")  # (heads, head_dim, D)
+        sd[b + "attn.proj.weight"] = t(out.reshape(-1, out.shape[-1]).T)
+        sd[b + "attn.proj.bias"] = t(take(p + f"{attn}/out/bias"))
+        for j in (0, 1):
+            sd[b + f"mlp.fc{j + 1}.weight"] = t(take(p + f"{mlp}/Dense_{j}/kernel").T)
+            sd[b + f"mlp.fc{j + 1}.bias"] = t(take(p + f"{mlp}/Dense_{j}/bias"))
+
+    unused = sorted(set(params) - used)
+    if unused:
+        raise CheckpointError(f"{source}: parameters this model has no place for: {unused}")
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------- torch files
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refusing to unpickle it: it holds objects that only a full unpickler would build, which can run "
+            f"arbitrary code. Re-save it as a plain state dict or as .safetensors. ({str(e).splitlines()[0]})"
+        ) from e
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read weights from any supported file: ``(state_dict in this model's names, metadata)``.
+
+    ``metadata`` holds ``model_kwargs`` when the file is one of this project's checkpoints.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    meta: dict = {}
+    if path.suffix == ".npz":
+        return convert_big_vision(read_npz(path), source=str(path)), meta
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            raw = (f.metadata() or {}).get("flexivit")
+        meta = json.loads(raw) if raw else {}
+    else:
+        obj = _torch_load(path)
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                meta = {k: v for k, v in obj.items() if k == "model_kwargs"}
+                obj = obj[key]
+                break
+        sd = obj
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:10]}")
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    return sd, meta
+
+
+def _square_side(n: int) -> int | None:
+    side = math.isqrt(n)
+    return side if side * side == n else None
+
+
+def flexify_state_dict(sd: dict[str, torch.Tensor], model: FlexiViT) -> dict[str, torch.Tensor]:
+    """Fit a state dict of any patch size / grid onto ``model``'s underlying sizes (paper Sec. 3.5).
+
+    - kernel (D, C, h, w) -> PI-resized to the model's underlying kernel size;
+    - position embedding: a class-token position (timm / original ViT layout) is folded into the class token,
+      which is exact because the class token is only ever used with it added; the grid is then resized
+      bilinearly (antialiased where it shrinks) to the model's underlying grid.
+    """
+    sd = dict(sd)
+    kernel = sd.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.ndim == 4:
+        sd["patch_embed.proj.weight"] = pi_resize_patch_embed(kernel.float(), model.patch_embed.base_patch_size)
+
+    posemb = sd.get("pos_embed")
+    if posemb is not None and posemb.ndim == 3:
+        n = posemb.shape[1]
+        if model.cls_token is not None and _square_side(n) is None and _square_side(n - 1) is not None:
+            sd["cls_token"] = sd["cls_token"] + posemb[:, :1]
+            posemb, n = posemb[:, 1:], n - 1
+        if n == math.prod(model.posemb_grid):
+            grid = model.posemb_grid  # already the model's grid (also covers non-square grids)
+        elif (side := _square_side(n)) is not None:
+            grid = (side, side)
+        else:
+            raise CheckpointError(f"cannot infer the position embedding grid from {n} positions")
+        posemb = resize_posemb(posemb.float().reshape(1, *grid, -1), model.posemb_grid)
+        sd["pos_embed"] = posemb.reshape(1, -1, posemb.shape[-1])
+    return sd
+
+
+def load_state_dict(model: FlexiViT, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load a (flexified) state dict strictly; a head of another size is skipped and the model's own kept.
+
+    Skipping a mismatched head is the transfer case (e.g. ImageNet-21k weights, 10 new classes); any other
+    missing, unexpected or wrongly shaped key is an error that lists them all.
+    """
+    own = model.state_dict()
+    sd = dict(sd)
+    if any(k.startswith("head.") and (k not in own or own[k].shape != v.shape) for k, v in sd.items()):
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    # A head the checkpoint lacks is not missing: the model keeps its freshly initialised one.
+    missing = [k for k in own if k not in sd and not k.startswith("head.")]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{source} does not fit the model:\n  missing: {missing}\n  unexpected: {unexpected}\n"
+            f"  wrong shape: {wrong}"
+        )
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+
+
+def read_pretrained(pretrained: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """Read a file or an official release name: ``(state_dict, metadata, path)``."""
+    source = str(pretrained)
+    path = release_path(source) if source in RELEASES else Path(source)
+    sd, meta = read_checkpoint(path)
+    return sd, meta, path
+
+
+def load_pretrained(model: FlexiViT, pretrained: str | Path) -> FlexiViT:
+    """Load a file or an official release name into ``model`` (see :func:`flexivit.create_model`)."""
+    sd, _, path = read_pretrained(pretrained)
+    load_state_dict(model, flexify_state_dict(sd, model), source=str(path))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- own checkpoints
+
+
+def save_model(model: FlexiViT, path: str | Path) -> None:
+    """Save weights and constructor arguments, atomically: ``.safetensors`` or a weights-only ``.pt``."""
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    kwargs = dict(model.kwargs)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"flexivit": json.dumps({"model_kwargs": kwargs})}
+        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    else:
+        _atomic_write(path, lambda tmp: torch.save({"model": sd, "model_kwargs": kwargs}, tmp))
+
+
+def load_model(path: str | Path, **overrides) -> FlexiViT:
+    """Rebuild a model saved by :func:`save_model` (or the training engine) from the file alone."""
+    sd, meta = read_checkpoint(path)
+    if "model_kwargs" not in meta:
+        raise CheckpointError(f"{path} has no model_kwargs: load it with create_model(name, pretrained=path)")
+    model = FlexiViT(**{**meta["model_kwargs"], **overrides})
+    load_state_dict(model, flexify_state_dict(sd, model), source=str(path))
+    return model
+
+
+__all__ = [
+    "RELEASES",
+    "CheckpointError",
+    "cache_dir",
+    "convert_big_vision",
+    "flexify_state_dict",
+    "load_model",
+    "load_pretrained",
+    "load_state_dict",
+    "read_checkpoint",
+    "read_npz",
+    "read_pretrained",
+    "release_path",
+    "save_model",
+]

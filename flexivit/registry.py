@@ -1,0 +1,96 @@
+"""Named models: ``create_model(name, pretrained=..., **overrides)`` and ``list_models()``.
+
+Variants are data (``VARIANTS``); a registered name is a function returning keyword arguments for
+:class:`~flexivit.model.FlexiViT`. FlexiViTs keep the paper's underlying 32x32 kernel and 7x7 position grid
+(Sec. 3.3); plain ViT baselines store their one patch size and the grid it gives at 240 px, so both kinds are
+the same module and can be called at any patch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .model import FlexiViT
+
+# Transformer shapes of the ViT family (Dosovitskiy et al.; Zhai et al. for "mu").
+VARIANTS: dict[str, dict] = {
+    "mu": dict(width=128, depth=6, num_heads=2),
+    "tiny": dict(width=192, depth=12, num_heads=3),
+    "small": dict(width=384, depth=12, num_heads=6),
+    "base": dict(width=768, depth=12, num_heads=12),
+    "large": dict(width=1024, depth=24, num_heads=16),
+}
+
+_MODELS: dict[str, Callable[[], dict]] = {}
+
+
+def register_model(name: str):
+    """Decorator: register a function returning FlexiViT keyword arguments under ``name``."""
+
+    def wrap(fn: Callable[[], dict]) -> Callable[[], dict]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Registered model names containing ``pattern``, sorted."""
+    return sorted(n for n in _MODELS if pattern in n)
+
+
+def model_kwargs(name: str) -> dict:
+    """The constructor arguments of a registered model."""
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return dict(_MODELS[name]())
+
+
+def create_model(name: str, pretrained: str | Path | bool | None = None, **overrides) -> FlexiViT:
+    """Build a registered model, optionally loading weights.
+
+    Args:
+        name: a name from :func:`list_models`.
+        pretrained: a path to a big_vision ``.npz``, a timm state dict (``.safetensors`` / ``.pth``) or a
+            checkpoint of this project; or a release name from ``flexivit.checkpoint.RELEASES`` (downloaded
+            into the cache when online). Fixed-patch weights are flexified: kernel PI-resized and position
+            embedding resized to this model's underlying sizes (paper Sec. 3.5).
+        **overrides: any FlexiViT keyword argument, e.g. ``num_classes=10`` or ``drop_path_rate=0.1``.
+    """
+    kwargs = model_kwargs(name)
+    if not pretrained:
+        return FlexiViT(**{**kwargs, **overrides})
+    from . import checkpoint  # local import: checkpoint imports the model module
+
+    sd, _, path = checkpoint.read_pretrained(pretrained)
+    if "num_classes" not in overrides:  # like timm: keep the checkpoint's head unless told otherwise
+        kwargs["num_classes"] = sd["head.bias"].shape[0] if "head.bias" in sd else 0
+    model = FlexiViT(**{**kwargs, **overrides})
+    checkpoint.load_state_dict(model, checkpoint.flexify_state_dict(sd, model), source=str(path))
+    return model
+
+
+def _register_flexivit(variant: str) -> None:
+    @register_model(f"flexivit_{variant}")
+    def _kwargs() -> dict:
+        return dict(**VARIANTS[variant], base_patch_size=32, posemb_grid=7, patch_size=16)
+
+
+def _register_vit(variant: str, patch: int, image_size: int = 240) -> None:
+    @register_model(f"vit_{variant}_patch{patch}")
+    def _kwargs() -> dict:
+        return dict(**VARIANTS[variant], base_patch_size=patch, posemb_grid=image_size // patch, patch_size=patch)
+
+
+for _variant in VARIANTS:
+    _register_flexivit(_variant)
+# The paper's baselines (B/16, B/30), its distillation teacher (B/8) and the usual fixed-patch shapes.
+for _variant, _patch in [
+    ("mu", 8), ("mu", 16), ("mu", 30),
+    ("tiny", 16), ("small", 16), ("small", 30),
+    ("base", 8), ("base", 16), ("base", 30), ("base", 32), ("large", 16),
+]:  # fmt: skip
+    _register_vit(_variant, _patch)
