@@ -1,0 +1,246 @@
+"""Checkpoint loading: big_vision .npz parity with timm's own loader, timm state dicts, own round trips, safety."""
+
+import os
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import timm
+import torch
+from big_vision_files import as_raw_bf16, random_big_vision_params, scan
+from reference_resize import jax_bilinear_matrix, resize_2d
+from timm.models.vision_transformer import VisionTransformer, _load_weights
+
+import flexivit
+from flexivit import checkpoint as ckpt
+
+SHAPE = dict(width=32, depth=2, num_heads=2, mlp_ratio=2.0)  # mlp 64, matching random_big_vision_params()
+PAPER_SIZES = flexivit.PAPER_PATCH_SIZES
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bv") / "flexi.npz"
+    np.savez(path, **{"params/" + k: v for k, v in random_big_vision_params().items()})
+    return path
+
+
+def ours(path, **kw):
+    # The exact (erf) GELU for parity with timm, which uses it also for these files (REFERENCE.md §4).
+    return flexivit.create_model("flexivit_base", pretrained=path, **SHAPE, gelu_approximate="none", **kw).eval()
+
+
+def timm_model(path, patch):
+    model = VisionTransformer(
+        img_size=240, patch_size=patch, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5,
+        no_embed_class=True, class_token=True, global_pool="token",
+    ).eval()  # fmt: skip
+    _load_weights(model, str(path))
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(0))
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("patch", [p for p in PAPER_SIZES if 240 // p >= 7])
+def test_npz_logits_equal_timm_loader(npz_path, images, patch):
+    model = ours(npz_path)
+    with torch.no_grad():
+        got, want = model(images, patch_size=patch), timm_model(npz_path, patch)(images)
+    assert got.shape == (2, 5)
+    assert rel_err(got, want) < 1e-4, f"patch {patch}: relative error {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("patch", [48, 40])
+def test_npz_small_grids_use_antialiased_posemb(npz_path, images, patch):
+    # timm resizes the position grid without antialias; the reference (jax.image.resize) antialiases when
+    # shrinking 7 -> 5 / 6. Independent check: timm's model with the posemb replaced by the JAX-formula resize.
+    grid = 240 // patch
+    reference = timm_model(npz_path, patch)
+    stored = random_big_vision_params()["pos_embedding"].reshape(7, 7, -1).transpose(2, 0, 1)
+    m = jax_bilinear_matrix(7, grid)
+    pe = resize_2d(stored, m, m).transpose(1, 2, 0).reshape(1, grid * grid, -1)
+    with torch.no_grad():
+        plain_timm = reference(images)
+        reference.pos_embed.copy_(torch.from_numpy(pe))
+        want, got = reference(images), ours(npz_path)(images, patch_size=patch)
+    assert rel_err(got, want) < 1e-4
+    assert rel_err(got, plain_timm) > 1e-3  # the antialias makes a visible difference at these grids
+
+
+def test_npz_layout_variants_load_identically(tmp_path):
+    params = random_big_vision_params()
+    reference = ckpt.convert_big_vision(params)
+    variants = {
+        "plain.npz": params,
+        "opt.npz": {"opt/target/" + k: v for k, v in params.items()},
+        "scanned.npz": {"params/" + k: v for k, v in scan(params, depth=2).items()},
+    }
+    for name, arrays in variants.items():
+        np.savez(tmp_path / name, **arrays)
+        sd, _ = ckpt.read_checkpoint(tmp_path / name)
+        assert sd.keys() == reference.keys(), name
+        for k in sd:
+            torch.testing.assert_close(sd[k], reference[k], rtol=0, atol=0, msg=f"{name}: {k}")
+
+
+def test_npz_bf16_raw_bytes(tmp_path):
+    params = random_big_vision_params()
+    np.savez(tmp_path / "bf16.npz", **{k: as_raw_bf16(v) for k, v in params.items()})
+    sd, _ = ckpt.read_checkpoint(tmp_path / "bf16.npz")
+    kernel = torch.from_numpy(params["embedding/kernel"].transpose(3, 2, 0, 1).copy())
+    # The file holds truncated bits; decoding must give exactly those values back as float32.
+    truncated = (kernel.numpy().view(np.uint32) & 0xFFFF0000).view(np.float32)
+    np.testing.assert_array_equal(sd["patch_embed.proj.weight"].numpy(), truncated)
+    assert sd["patch_embed.proj.weight"].dtype == torch.float32
+
+
+def test_npz_errors_name_the_key(tmp_path):
+    params = random_big_vision_params()
+    del params["Transformer/encoderblock_1/MlpBlock_0/Dense_0/bias"]
+    np.savez(tmp_path / "missing.npz", **params)
+    with pytest.raises(ckpt.CheckpointError, match="Dense_0/bias"):
+        flexivit.create_model("flexivit_base", pretrained=tmp_path / "missing.npz", **SHAPE)
+    params = random_big_vision_params()
+    params["MAPHead_0/probe"] = np.zeros((1, 1, 32), np.float32)
+    np.savez(tmp_path / "extra.npz", **params)
+    with pytest.raises(ckpt.CheckpointError, match="MAPHead_0/probe"):
+        flexivit.create_model("flexivit_base", pretrained=tmp_path / "extra.npz", **SHAPE)
+    np.savez(tmp_path / "deep.npz", **random_big_vision_params(depth=3))
+    with pytest.raises(ckpt.CheckpointError, match="blocks.2"):
+        flexivit.create_model("flexivit_base", pretrained=tmp_path / "deep.npz", **SHAPE)
+
+
+def test_npz_object_arrays_are_refused(tmp_path):
+    np.savez(tmp_path / "obj.npz", **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(ckpt.CheckpointError, match="pickled"):
+        ckpt.read_checkpoint(tmp_path / "obj.npz")
+
+
+def test_num_classes_from_checkpoint_or_overridden(npz_path):
+    assert ours(npz_path).head.out_features == 5
+    transfer = ours(npz_path, num_classes=3)  # a new head: skipped from the file, zero-initialised
+    assert transfer.head.out_features == 3 and transfer.head.weight.abs().sum() == 0
+    assert ours(npz_path, num_classes=0).head is None
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_own_checkpoint_round_trip(tmp_path, suffix, images):
+    model = flexivit.create_model("flexivit_mu", depth=2, num_classes=7, pool="gap", posemb_grid=(6, 8)).eval()
+    torch.nn.init.normal_(model.head.weight)
+    flexivit.save_model(model, tmp_path / f"m{suffix}")
+    loaded = flexivit.load_model(tmp_path / f"m{suffix}").eval()
+    assert tuple(loaded.posemb_grid) == (6, 8) and loaded.pool == "gap" and loaded.num_classes == 7
+    with torch.no_grad():
+        for p in (48, 24, (20, 30)):
+            torch.testing.assert_close(
+                loaded(images[:1], patch_size=p), model(images[:1], patch_size=p), rtol=0, atol=0
+            )
+
+
+def timm_vit(patch, **kw):
+    return VisionTransformer(
+        img_size=240, patch_size=patch, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=4, **kw
+    ).eval()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_state_dict_with_class_posemb_loads_exactly(tmp_path, suffix, images):
+    # A standard timm ViT adds a position embedding to the class token; folding it into the class token is exact.
+    reference = timm_vit(16)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(std=0.2)
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(reference.state_dict(), path)
+    else:
+        torch.save({"state_dict": reference.state_dict()}, path)
+    model = flexivit.create_model("vit_base_patch16", pretrained=path, **SHAPE, gelu_approximate="none").eval()
+    assert model.head.out_features == 4
+    with torch.no_grad():
+        assert rel_err(model(images, patch_size=16), reference(images)) < 1e-5
+
+
+def test_timm_checkpoint_is_flexified(tmp_path):
+    # A fixed B/16-style file into a FlexiViT (32x32 kernel, 7x7 grid). PI-resize 16 -> 32 is an upsampling, so the
+    # stored kernel applied to a patch upsampled to 32 px gives exactly the tokens of the original 16x16 kernel.
+    reference = timm_vit(16, no_embed_class=True)
+    path = tmp_path / "t.pth"
+    torch.save(reference.state_dict(), path)
+    model = flexivit.create_model("flexivit_base", pretrained=path, **SHAPE, gelu_approximate="none")
+    kernel = model.patch_embed.proj.weight.detach()
+    assert kernel.shape[-2:] == (32, 32) and model.pos_embed.shape == (1, 49, 32)
+    patches = torch.randn(8, 3, 16, 16)
+    upsampled = torch.nn.functional.interpolate(patches, size=32, mode="bilinear", align_corners=False)
+    want = torch.einsum("bchw,dchw->bd", patches, reference.patch_embed.proj.weight.detach())
+    torch.testing.assert_close(torch.einsum("bchw,dchw->bd", upsampled, kernel), want, rtol=1e-4, atol=1e-4)
+    # The 15x15 grid went to the 7x7 underlying grid with the antialiased bilinear resize.
+    stored = reference.pos_embed.detach().reshape(15, 15, 32).permute(2, 0, 1).double().numpy()
+    m = jax_bilinear_matrix(15, 7)
+    want_pe = torch.from_numpy(resize_2d(stored, m, m)).permute(1, 2, 0).reshape(1, 49, 32).float()
+    torch.testing.assert_close(model.pos_embed.detach(), want_pe, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_shapes_are_listed(tmp_path):
+    path = tmp_path / "t.pth"
+    torch.save(timm_vit(16).state_dict(), path)
+    with pytest.raises(ckpt.CheckpointError, match=r"blocks\.0\.norm1\.weight: checkpoint \(32,\) vs model \(64,\)"):
+        flexivit.create_model("vit_base_patch16", pretrained=path, width=64, depth=2, num_heads=2)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _RunsCode()
+    evil.marker = marker
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"patch_embed.proj.weight": evil}, f)
+    with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle"):
+        flexivit.create_model("flexivit_mu", pretrained=path)
+    assert not marker.exists()
+
+
+def test_release_table_and_offline_message(tmp_path, monkeypatch):
+    assert ckpt.RELEASES["flexivit_b_i1k"]["url"].endswith("/big_vision/flexivit/flexivit_b_i1k.npz")
+    assert ckpt.RELEASES["vit_b30_i21k_300ep"]["model"] == "vit_base_patch30"
+    monkeypatch.setenv("FLEXIVIT_CACHE", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(ckpt.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError) as err:
+        flexivit.create_model("flexivit_small", pretrained="flexivit_s_i1k")
+    message = str(err.value)
+    assert "flexivit_s_i1k.npz" in message and str(tmp_path) in message and "https://" in message
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(KeyError, match="flexivit_b_i1k"):
+        ckpt.release_path("flexivit_x_i1k")
+
+
+def test_release_found_in_cache_without_network(tmp_path, monkeypatch, npz_path):
+    monkeypatch.setenv("FLEXIVIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(ckpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
+    (tmp_path / "flexivit_s_i1k.npz").write_bytes(npz_path.read_bytes())
+    model = flexivit.create_model("flexivit_small", pretrained="flexivit_s_i1k", **SHAPE)
+    assert model.head.out_features == 5
+
+
+def test_timm_registry_name_is_not_needed():
+    # Our loader depends on file formats only, not on timm being installed or its model names.
+    assert "flexivit_small" in timm.list_models("flexivit*")

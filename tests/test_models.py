@@ -1,0 +1,170 @@
+"""Contract tests generated from the registry: every registered model at several patch sizes."""
+
+import math
+
+import pytest
+import torch
+
+import flexivit
+
+# Tiny images keep even ViT-L cheap: the contract does not depend on the image size.
+IMAGE = 96
+PATCHES = [48, 16, (24, 12)]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", flexivit.list_models())
+def test_registered_model_contract(name, images):
+    model = flexivit.create_model(name, num_classes=3, head_zero_init=False)
+    for patch in PATCHES:
+        out = model.forward_features(images, patch_size=patch)
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        grid = (IMAGE // ph, IMAGE // pw)
+        assert out["grid"] == grid and out["patch_size"] == (ph, pw)
+        assert out["tokens"].shape == (2, grid[0] * grid[1], model.width)
+        assert out["cls"].shape == out["pooled"].shape == (2, model.width)
+        logits = model.forward_head(out)
+        assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+        model.zero_grad()
+        logits.square().sum().backward()
+        # Gradients reach the two underlying, patch-size dependent parameters (paper Sec. 3.3).
+        assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+        assert model.pos_embed.grad.abs().sum() > 0
+        assert model.cls_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "name,width,depth,heads,kernel,grid",
+    [
+        ("flexivit_tiny", 192, 12, 3, 32, 7),
+        ("flexivit_small", 384, 12, 6, 32, 7),
+        ("flexivit_base", 768, 12, 12, 32, 7),
+        ("flexivit_large", 1024, 24, 16, 32, 7),
+        ("vit_base_patch16", 768, 12, 12, 16, 15),
+        ("vit_base_patch30", 768, 12, 12, 30, 8),
+    ],
+)
+def test_variant_shapes(name, width, depth, heads, kernel, grid):
+    kw = flexivit.registry.model_kwargs(name)
+    assert (kw["width"], kw["depth"], kw["num_heads"]) == (width, depth, heads)
+    model = flexivit.create_model(name)
+    assert model.patch_embed.proj.weight.shape == (width, 3, kernel, kernel)
+    assert model.pos_embed.shape == (1, grid * grid, width)
+
+
+def test_parameter_count_matches_timm_for_a_fixed_vit():
+    timm = pytest.importorskip("timm")
+    ours = flexivit.create_model("vit_base_patch16", num_classes=1000)
+    theirs = timm.create_model("vit_base_patch16_224", img_size=240, class_token=True, no_embed_class=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(theirs)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(KeyError, match="flexivit_small.*") as err:
+        flexivit.create_model("flexivit_huge")
+    assert "vit_base_patch16" in str(err.value)
+
+
+def test_overrides_and_default_patch_size():
+    model = flexivit.create_model("flexivit_mu", depth=2, patch_size=24, num_classes=4)
+    assert len(model.blocks) == 2
+    out = model.forward_features(torch.randn(1, 3, 240, 240))
+    assert out["grid"] == (10, 10)
+
+
+def test_grid_argument_uses_big_vision_grid_units():
+    model = flexivit.create_model("flexivit_mu", depth=1)
+    x = torch.randn(1, 3, 240, 240)
+    assert model.forward_features(x, grid=8)["patch_size"] == (30, 30)
+    torch.testing.assert_close(model(x, grid=8), model(x, patch_size=30))
+
+
+def test_border_that_does_not_tile_is_dropped_like_a_strided_conv():
+    model = flexivit.create_model("flexivit_mu", depth=1).eval()
+    x = torch.randn(1, 3, 100, 100)
+    out = model.forward_features(x, patch_size=16)
+    assert out["grid"] == (6, 6)
+    # Changing the dropped border (the last 4 rows and columns) changes nothing.
+    y = x.clone()
+    y[..., 96:, :] = 0
+    y[..., :, 96:] = 0
+    torch.testing.assert_close(model(y, patch_size=16), model(x, patch_size=16))
+
+
+def test_patch_larger_than_image_is_a_clear_error():
+    model = flexivit.create_model("flexivit_mu", depth=1)
+    with pytest.raises(ValueError, match=r"patch size \(64, 64\) does not fit the image of size \(48, 48\)"):
+        model(torch.randn(1, 3, 48, 48), patch_size=64)
+    with pytest.raises(ValueError, match="patch_size must be an int or a pair"):
+        model(torch.randn(1, 3, 48, 48), patch_size=(1, 2, 3))
+
+
+def test_posemb_added_before_class_token_and_none_on_it():
+    # With zero blocks' effect removed, the class token output is independent of the position embedding.
+    model = flexivit.create_model("flexivit_mu", depth=1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    captured = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    model(x, patch_size=16)
+    tokens = captured[0]
+    embed = model.patch_embed(x, (16, 16)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens[:, 0], model.cls_token[0].expand(2, -1))
+    torch.testing.assert_close(tokens[:, 1:], embed + model.posemb_for_grid((4, 4)))
+
+
+def test_model_equals_an_independent_computation():
+    # Algorithm 1 of the paper, written out by hand: PI-resized conv, resized posemb, pre-norm blocks.
+    torch.manual_seed(0)
+    model = flexivit.create_model("flexivit_mu", depth=2, num_classes=5, head_zero_init=False).eval()
+    x = torch.randn(2, 3, 60, 60)
+    p, g = 12, 5
+    w = flexivit.pi_resize_patch_embed(model.patch_embed.proj.weight, p)
+    h = torch.nn.functional.conv2d(x, w, model.patch_embed.proj.bias, stride=p).flatten(2).transpose(1, 2)
+    h = h + flexivit.resize_posemb(model.pos_embed.view(1, 7, 7, -1), g).reshape(1, g * g, -1)
+    h = torch.cat([model.cls_token.expand(2, -1, -1), h], 1)
+    for blk in model.blocks:
+        y = blk.norm1(h)
+        q, k, v = blk.attn.qkv(y).chunk(3, dim=-1)
+        split = lambda t: t.view(2, -1, 2, 64).transpose(1, 2)  # noqa: E731
+        a = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(64), -1) @ split(v)
+        h = h + blk.attn.proj(a.transpose(1, 2).reshape(2, -1, 128))
+        z = blk.mlp.fc1(blk.norm2(h))
+        h = h + blk.mlp.fc2(0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))))
+    want = model.head(model.norm(h)[:, 0])
+    torch.testing.assert_close(model(x, patch_size=p), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gap_pooling_and_intermediates():
+    model = flexivit.create_model("flexivit_mu", depth=3, pool="gap")
+    out = model.forward_features(torch.randn(2, 3, 48, 48), patch_size=12, return_blocks=[0, -1])
+    torch.testing.assert_close(out["pooled"], out["tokens"].mean(1))
+    assert len(out["blocks"]) == 2 and out["blocks"][0].shape == (2, 1 + 16, 128)
+    torch.testing.assert_close(model.norm(out["blocks"][-1])[:, 1:], out["tokens"])
+    assert len(model.forward_features(torch.randn(1, 3, 48, 48), return_blocks=True)["blocks"]) == 3
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = flexivit.create_model("flexivit_mu", depth=2, num_classes=3, head_zero_init=False)
+    x = torch.randn(2, 3, 48, 48)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(x, patch_size=8).sum().backward()
+        grads.append(model.patch_embed.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bilinear_kernel_resize_option_differs_from_pi():
+    model = flexivit.create_model("vit_mu_patch8", depth=1, num_classes=3, head_zero_init=False).eval()
+    naive = flexivit.create_model("vit_mu_patch8", depth=1, num_classes=3, kernel_resize="bilinear").eval()
+    naive.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 48, 48)
+    torch.testing.assert_close(naive(x, patch_size=8), model(x, patch_size=8))  # same at the stored size
+    assert (naive(x, patch_size=16) - model(x, patch_size=16)).abs().max() > 1e-3
