@@ -169,7 +169,8 @@ def fashion_mnist(split: str, root: str | None, transform: Transform, download: 
     _check_split("fashion_mnist", split, ("train", "test"))
     if download:
         raise ValueError("fashion_mnist has no download; install the Debian package dataset-fashion-mnist")
-    root = root or FASHION_MNIST_ROOT
+    # Without the Debian package, point FASHION_MNIST_DIR (or root) at a folder holding the four IDX files.
+    root = root or os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_ROOT)
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"Fashion-MNIST folder {root} not found; it should hold train-images-idx3-ubyte[.gz], "

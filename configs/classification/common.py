@@ -1,0 +1,79 @@
+"""The full set of classification config keys with their defaults; dataset configs change what they need.
+
+Every key a config may set exists here, so ``--set`` can reject typos (tasks/common/config.py).
+"""
+
+from tasks.common.config import Config
+
+
+def base_config() -> Config:
+    return Config(
+        task="classification",
+        seed=0,
+        model=dict(
+            name="flexivit_small",
+            init=None,  # .npz / timm / our checkpoint / workdir, or an official release name
+            overrides={},  # FlexiViT keyword arguments, e.g. {"depth": 6}
+        ),
+        data=dict(
+            name="fashion_mnist",
+            root=None,
+            train_split="train",
+            val_split="test",
+            image_size=240,
+            value_range=[-1.0, 1.0],  # big_vision's convention (and its released weights)
+            crop_scale=[0.08, 1.0],
+            hflip=True,
+            randaugment=False,
+            eval_crop_ratio=0.875,
+            classes=None,  # keep only these classes (relabelled 0..k-1)
+            train_examples=None,
+            val_examples=None,
+            num_workers=0,
+        ),
+        # The patch size of each training step: flexivit.build_sampler(kind, sizes, weights, stages).
+        patch_sizes=dict(kind="uniform", sizes=[48, 40, 30, 24, 20, 16, 15, 12, 10, 8]),
+        optim=dict(
+            name="sgd",
+            lr=0.01,
+            weight_decay=0.0,
+            momentum=0.9,
+            betas=[0.9, 0.999],
+            clip_norm=1.0,
+            accum_steps=1,
+            warmup_steps=0,
+            schedule="cosine",
+            end_factor=0.0,
+            lr_mults={},  # {regex on parameter names: learning-rate multiplier}
+            frozen=[],  # regexes of parameters that get no gradient, e.g. ["^(?!head)"] trains the head only
+        ),
+        train=dict(
+            steps=1000,
+            batch_size=512,
+            precision="fp32",  # fp32 | bf16 | fp16 (GPU only)
+            label_smoothing=0.0,
+            mixup=0.0,  # Beta(alpha, alpha) mixing ratio per batch; 0 = off
+            grad_checkpointing=False,
+            compile=False,
+            log_every=50,
+            ckpt_every=500,
+            keep_ckpts=2,
+        ),
+        eval=dict(every=0, patch_sizes=[48, 40, 30, 24, 20, 16, 15, 12, 10, 8], batch_size=256),
+        # Knowledge distillation (Sec. 3.5): a frozen teacher; loss = CE(student(x, p), softmax(teacher(x))).
+        distill=None,
+    )
+
+
+def distill_config(name=None, init=None, patch_size=None, image_size=None, init_student=True) -> Config:
+    """The ``distill`` block: teacher ``name`` (registry) + ``init`` (weights), or ``init`` alone (our checkpoint)."""
+    return Config(name=name, init=init, patch_size=patch_size, image_size=image_size, init_student=init_student)
+
+
+def parse_arg(arg: str | None) -> dict:
+    """``"runlocal,fixed=16"`` -> ``{"runlocal": True, "fixed": "16"}`` (big_vision's config-arg style)."""
+    out = {}
+    for token in filter(None, (arg or "").split(",")):
+        key, sep, value = token.partition("=")
+        out[key] = value if sep else True
+    return out

@@ -1,0 +1,109 @@
+"""Training data order and augmentation randomness as pure functions of (seed, step).
+
+The engine can then resume in the middle of an epoch and reproduce an uninterrupted run exactly, whatever the
+number of DataLoader workers: the batch of step ``s`` is determined by ``(seed, s)``, each rank takes its slice
+of the global batch, and every item carries its own augmentation seed (derived from ``(seed, epoch, index)``)
+into ``__getitem__``, where the random transform runs under that seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that ``dataset[(index, seed)]`` applies ``transform`` with the CPU RNG seeded by ``seed``."""
+
+    def __init__(self, dataset: Dataset, transform=None):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list:
+        # DataLoader fetches a whole batch through this hook: fork the global RNG once per batch (it costs as much
+        # as a transform), so the training process's own random stream (dropout, mixup) is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            out = []
+            for index, seed in items:
+                image, label = self.dataset[index]
+                if self.transform is not None:
+                    # The CPU generator alone: torch.manual_seed also queues a CUDA seeding that records a stack
+                    # trace, which costs more than the transform itself. Transforms run on the CPU.
+                    torch.default_generator.manual_seed(seed)
+                    image = self.transform(image)
+                out.append((image, label))
+        return out
+
+
+class StepBatches(Sampler):
+    """Yields this rank's ``(index, seed)`` lists for steps ``start_step, start_step + 1, ...`` (endless).
+
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``; step ``s`` takes global batch ``s % steps_per_epoch``
+    of epoch ``s // steps_per_epoch`` (the incomplete last batch is dropped) and rank ``r`` its ``r``-th slice.
+    """
+
+    def __init__(
+        self, num_items: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1, start_step: int = 0
+    ):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {world} processes")
+        if num_items < global_batch:
+            raise ValueError(f"dataset of {num_items} items is smaller than one batch of {global_batch}")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
+        self.rank, self.world, self.start_step = rank, world, start_step
+        self.steps_per_epoch = num_items // global_batch
+
+    def batch_for_step(self, step: int) -> list[tuple[int, int]]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+        per_rank = self.global_batch // self.world
+        start = position * self.global_batch + self.rank * per_rank
+        indices = order[start : start + per_rank]
+        item_seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**62, size=self.num_items)
+        return [(int(i), int(item_seeds[i])) for i in indices]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            yield self.batch_for_step(step)
+            step += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs this for progress estimates
+        return 2**31
+
+
+def train_loader(
+    dataset: Dataset,
+    transform,
+    *,
+    global_batch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    start_step: int,
+    num_workers: int = 0,
+) -> DataLoader:
+    """An endless loader of this rank's batches from ``start_step`` on."""
+    batches = StepBatches(len(dataset), global_batch, seed=seed, rank=rank, world=world, start_step=start_step)
+    return DataLoader(
+        SeededItems(dataset, transform),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def eval_loader(
+    dataset: Dataset, *, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0
+) -> DataLoader:
+    """Every item exactly once, split across ranks in contiguous interleaved slices (no padding duplicates)."""
+    indices = list(range(rank, len(dataset), world))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)

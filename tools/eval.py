@@ -1,0 +1,139 @@
+"""Evaluate trained models at a list of patch sizes: task metric, compute and speed per patch size.
+
+    python -m tools.eval --workdir runs/fashion_mnist
+    python -m tools.eval --workdir runs/flexi runs/vit_p8 --names FlexiViT ViT-p8 --out runs/compare
+    python -m tools.eval --checkpoint model.safetensors --config configs/classification/fashion_mnist.py
+
+For every model and patch size it writes grid, tokens, forward GFLOPs per image (counted), measured img/s and
+latency on this device, and the task metrics, as ``sweep.csv``, ``sweep.md`` and ``sweep.png`` (metric against
+GFLOPs and against img/s, one line per model: the shape of the paper's Fig. 2 and Fig. 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+import flexivit
+from tasks.common.config import Config, apply_overrides, load_config
+from tasks.common.loader import eval_loader
+from tasks.common.profiling import count_gflops, device_description, measure_throughput
+from tasks.common.reporting import markdown_table, plot_sweep, write_csv, write_markdown
+from tasks.common.train_state import latest_checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", nargs="+", default=[], help="training workdirs (config.json + checkpoints/)")
+    parser.add_argument("--checkpoint", help="a checkpoint file instead of a workdir (needs --config)")
+    parser.add_argument("--config", help="config for --checkpoint, or to override a workdir's data settings")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--names", nargs="+", help="a display name per model (default: workdir names)")
+    parser.add_argument("--patch-sizes", nargs="+", type=int, help="default: the config's eval.patch_sizes")
+    parser.add_argument("--out", help="output folder (default: <first workdir>/eval)")
+    parser.add_argument("--timing-batch", type=int, default=32, help="batch size for img/s and latency")
+    parser.add_argument("--no-timing", action="store_true", help="skip the speed measurements")
+    return parser.parse_args(argv)
+
+
+def _sources(args) -> list[tuple[str, Config, Path]]:
+    """``(name, config, checkpoint path)`` per model to evaluate."""
+    if args.checkpoint:
+        if not args.config:
+            raise SystemExit("--checkpoint needs --config (for the data and the task)")
+        sources = [(Path(args.checkpoint).stem, load_config(args.config), Path(args.checkpoint))]
+    elif args.workdir:
+        sources = []
+        for workdir in map(Path, args.workdir):
+            if not (workdir / "config.json").exists():
+                raise FileNotFoundError(f"{workdir} has no config.json: is it a training workdir?")
+            ckpt = latest_checkpoint(workdir)
+            if ckpt is None:
+                raise FileNotFoundError(f"{workdir} has no checkpoint under checkpoints/")
+            config = (
+                load_config(args.config) if args.config else Config(json.loads((workdir / "config.json").read_text()))
+            )
+            sources.append((workdir.name, config, ckpt))
+    else:
+        raise SystemExit("give --workdir DIR [DIR ...] or --checkpoint FILE --config CONFIG")
+    if args.names:
+        if len(args.names) != len(sources):
+            raise SystemExit(f"--names has {len(args.names)} names for {len(sources)} models")
+        sources = [(name, c, p) for name, (_, c, p) in zip(args.names, sources, strict=True)]
+    return [(name, apply_overrides(config, args.set), path) for name, config, path in sources]
+
+
+def sweep(name: str, config: Config, checkpoint: Path, patch_sizes, device, *, timing_batch=32, timing=True) -> list:
+    """One row per patch size for one model."""
+    task = importlib.import_module(f"tasks.{config.task}")
+    _, _, val_set, _ = task.build_datasets(config.data)
+    model = flexivit.load_model(checkpoint).to(device).eval()
+    patches = [p if isinstance(p, int) else tuple(p) for p in patch_sizes or config.eval.patch_sizes]
+    size = config.data.image_size
+    image_hw = (size, size) if isinstance(size, int) else tuple(size)
+    results = task.evaluate(model, eval_loader(val_set, batch_size=config.eval.batch_size), patches, device)
+    example = torch.stack([val_set[i % len(val_set)][0] for i in range(timing_batch)]).to(device)
+    rows = []
+    for patch in patches:
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        grid = (image_hw[0] // ph, image_hw[1] // pw)
+        row = {
+            "model": name,
+            "patch_size": patch if isinstance(patch, int) else f"{ph}x{pw}",
+            "grid": f"{grid[0]}x{grid[1]}",
+            "tokens": grid[0] * grid[1],
+            "gflops": count_gflops(model, image_hw, patch),
+        }
+        if timing:
+            speed = measure_throughput(lambda x, p=patch: model(x, patch_size=p), example, warmup=2, repeats=5)
+            row.update(img_per_s=speed["img_per_s"], latency_ms=speed["latency_ms"])
+        row.update({("accuracy" if k == "top1" else k): v for k, v in results[patch].items() if k != "n"})
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sources = _sources(args)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(args.workdir[0]) if args.workdir else Path(args.checkpoint).parent) / "eval"
+    )
+    rows = []
+    for name, config, checkpoint in sources:
+        print(f"evaluating {name} ({checkpoint}) ...", flush=True)
+        rows += sweep(
+            name,
+            config,
+            checkpoint,
+            args.patch_sizes,
+            device,
+            timing_batch=args.timing_batch,
+            timing=not args.no_timing,
+        )
+    metric = "accuracy" if "accuracy" in rows[0] else next(k for k in rows[0] if k not in ("model", "patch_size"))
+    percent = [k for k in ("accuracy", "top5") if k in rows[0]]
+    columns = [
+        c for c in ("model", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms") if c in rows[0]
+    ]
+    columns += [k for k in rows[0] if k not in columns]
+    notes = [
+        f"device: {device_description(device)}; img/s and latency at batch {args.timing_batch}, median of 5",
+        "GFLOPs: forward, per image, counted with torch.utils.flop_counter (a multiply-add = 2 FLOPs)",
+    ]
+    write_csv(rows, out / "sweep.csv")
+    write_markdown(rows, out / "sweep.md", title="Patch-size sweep", notes=notes, columns=columns, percent=percent)
+    plot_sweep(rows, out / "sweep.png", metric=metric, title="accuracy and cost per patch size")
+    print(markdown_table(rows, columns=columns, percent=percent))
+    print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Train any task on a FlexiViT backbone, with a fixed or a random patch size per step (paper Sec. 3.3).
+
+    python -m tools.train --config configs/classification/fashion_mnist.py --workdir runs/fmnist
+    python -m tools.train --config configs/classification/fashion_mnist.py:runlocal --workdir /tmp/x
+    python -m tools.train --workdir runs/fmnist --resume           # continue from the last checkpoint
+    torchrun --nproc_per_node 2 -m tools.train --config ... --workdir ...   # data parallel, same command
+
+One linear loop. The patch size of step ``s`` comes from ``sampler(s)`` with the sampler seeded by the config,
+so every rank uses the same size and a resumed run repeats the same sequence; the data order and the
+augmentation are functions of ``(seed, step)`` too (tasks/common/loader.py), so an interrupted run resumed from a
+checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import flexivit
+from flexivit.checkpoint import flexify_state_dict, load_state_dict
+from tasks.common import distributed
+from tasks.common.config import Config, apply_overrides, load_config, save_config
+from tasks.common.loader import eval_loader, train_loader
+from tasks.common.optim import build_optimizer, build_scheduler, freeze
+from tasks.common.train_state import latest_checkpoint, load_train_state, save_train_state
+from tasks.common.writers import MetricWriter
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="configs/<task>/<name>.py[:arg]; optional with --resume")
+    parser.add_argument("--workdir", required=True, help="where config, logs and checkpoints go")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+    parser.add_argument("--interrupt-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
+    return parser.parse_args(argv)
+
+
+def resolve_config(args) -> Config:
+    saved = Path(args.workdir) / "config.json"
+    if args.config:
+        config = load_config(args.config)
+    elif args.resume and saved.exists():
+        config = Config(json.loads(saved.read_text()))
+    else:
+        raise SystemExit("--config is required (or --resume with a workdir that holds config.json)")
+    return apply_overrides(config, args.set)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or the last checkpoint of a workdir."""
+    if Path(path).is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"workdir {path} holds no checkpoint (checkpoints/ckpt_*.pt)")
+        return str(found)
+    return path
+
+
+def build_teacher(distill, device) -> torch.nn.Module:
+    """A frozen teacher in eval mode: a registered model with ``init`` weights, or a checkpoint of ours."""
+    if distill.name:
+        teacher = flexivit.create_model(
+            distill.name, pretrained=resolve_checkpoint(distill.init) if distill.init else None
+        )
+    else:
+        teacher = flexivit.load_model(resolve_checkpoint(distill.init))
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    config = resolve_config(args)
+    workdir = Path(args.workdir)
+    rank, world, device = distributed.init()
+    main_process = distributed.is_main()
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir / "config.json")
+    torch.manual_seed(config.seed + rank)
+    task = importlib.import_module(f"tasks.{config.task}")
+    train_cfg, optim_cfg, eval_cfg = config.train, config.optim, config.eval
+
+    # ------------------------------------------------------------------------------------------ input pipeline
+    train_set, train_tf, val_set, classes = task.build_datasets(config.data)
+
+    # ------------------------------------------------------------------------------------------ model
+    model = task.build_model(config.model, num_classes=len(classes))
+    teacher = None
+    if config.distill:
+        teacher = build_teacher(config.distill, device)
+        if config.distill.init_student:
+            # Sec. 3.5: start the student at the teacher: kernel PI-resized, posemb resized to the underlying sizes.
+            load_state_dict(model, flexify_state_dict(teacher.state_dict(), model), source="teacher")
+    frozen = freeze(model, optim_cfg.frozen)
+    if train_cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    sampler = flexivit.build_sampler(**{"seed": config.seed, **config.patch_sizes})
+    eval_patches = [p if isinstance(p, int) else tuple(p) for p in eval_cfg.patch_sizes]
+    check_patch_sizes(sampler.sizes, "patch_sizes.sizes", config.data.image_size)
+    check_patch_sizes(eval_patches, "eval.patch_sizes", config.data.image_size)
+
+    # ------------------------------------------------------------------------------------------ optimisation
+    optimizer = build_optimizer(
+        model,
+        name=optim_cfg.name,
+        lr=optim_cfg.lr,
+        weight_decay=optim_cfg.weight_decay,
+        momentum=optim_cfg.momentum,
+        betas=optim_cfg.betas,
+        lr_mults=optim_cfg.lr_mults,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=train_cfg.steps,
+        warmup_steps=optim_cfg.warmup_steps,
+        kind=optim_cfg.schedule,
+        end_factor=optim_cfg.end_factor,
+    )
+    precision = train_cfg.precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a GPU (it uses a loss scaler); use bf16 or fp32 on CPU")
+    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    start_step = 0
+    if args.resume:
+        found = latest_checkpoint(workdir)
+        if found is not None:
+            start_step = load_train_state(found, model, optimizer, scheduler, scaler)
+            if main_process:
+                print(f"resumed from {found} at step {start_step}", flush=True)
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if train_cfg.compile:
+        # One graph per patch size (shapes are static within a step); the cache limit bounds recompilation.
+        torch._dynamo.config.cache_size_limit = max(64, 4 * len(sampler.sizes))
+        net = torch.compile(net, dynamic=False)
+
+    loader = train_loader(
+        train_set,
+        train_tf,
+        global_batch=train_cfg.batch_size,
+        seed=config.seed,
+        rank=rank,
+        world=world,
+        start_step=start_step,
+        num_workers=config.data.num_workers,
+    )
+    val_loader = eval_loader(val_set, batch_size=eval_cfg.batch_size, rank=rank, world=world)
+    writer = MetricWriter(workdir, enabled=main_process)
+    if main_process:
+        print(
+            f"{config.task}: {len(train_set)} train / {len(val_set)} val examples, {len(classes)} classes; "
+            f"model {config.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+            f"{len(frozen)} frozen); patch sizes {sampler}; {world} process(es) on {device}",
+            flush=True,
+        )
+
+    def run_eval(step: int) -> dict:
+        results = task.evaluate(model, val_loader, eval_patches, device, autocast_dtype)
+        if main_process:
+            writer.write(
+                step, {f"eval/{k}_p{_name(p)}": v for p, r in results.items() for k, v in r.items() if k != "n"}
+            )
+            (workdir / "eval.json").write_text(json.dumps({"step": step, "results": _jsonable(results)}, indent=2))
+        return results
+
+    # ------------------------------------------------------------------------------------------ train loop
+    accum = optim_cfg.accum_steps
+    progress = _progress(start_step, train_cfg.steps, main_process)
+    batches = iter(loader)
+    model.train()
+    t_last, results = time.perf_counter(), {}
+    for step in range(start_step, train_cfg.steps):
+        patch = sampler(step)  # the same on every rank: a function of (seed, step) only
+        if world > 1:  # cheap insurance for the paper's "one patch size per step on all ranks"
+            distributed.check_same_across_ranks([step, *flexivit.pi_resize.to_2tuple(patch)], "the patch size")
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        targets = F.one_hot(labels, len(classes)).float()
+        if train_cfg.mixup:
+            images, targets = task.mixup(images, targets, train_cfg.mixup)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad(), _autocast(device, autocast_dtype):
+                teacher_images = _resize(images, config.distill.image_size)
+                teacher_logits = teacher(teacher_images, patch_size=config.distill.patch_size).float()
+
+        step_loss = torch.zeros((), device=device)
+        for micro, chunk in enumerate(zip(*(t.chunk(accum) for t in (images, targets)), strict=True)):
+            sync = micro == accum - 1 or world == 1
+            with contextlib.nullcontext() if sync else net.no_sync(), _autocast(device, autocast_dtype):
+                logits = net(chunk[0], patch_size=patch)
+                t_chunk = None if teacher_logits is None else teacher_logits.chunk(accum)[micro]
+                loss = task.loss(logits, chunk[1], label_smoothing=train_cfg.label_smoothing, teacher_logits=t_chunk)
+                scaler.scale(loss / accum).backward()
+            step_loss += loss.detach() / accum
+
+        mean_loss = distributed.all_reduce_sum(step_loss) / world
+        if not torch.isfinite(mean_loss):
+            last = latest_checkpoint(workdir)
+            raise FloatingPointError(
+                f"non-finite loss {mean_loss.item()} at step {step} (patch size {patch}); stopped before updating "
+                f"the weights. Last good checkpoint: {last or 'none yet'}"
+            )
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], optim_cfg.clip_norm or float("inf")
+        )
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        done = step + 1
+        if main_process and (done % train_cfg.log_every == 0 or done == train_cfg.steps):
+            now = time.perf_counter()
+            writer.write(
+                done,
+                {
+                    "train/loss": mean_loss.item(),
+                    "train/patch_size": _name(patch),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm.item(),
+                    "train/steps_per_s": train_cfg.log_every / max(now - t_last, 1e-9),
+                },
+            )
+            t_last = now
+        if main_process:
+            writer.record_patch(done, patch)
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss.item():.3f}", p=_name(patch), refresh=False)
+        if eval_cfg.every and done % eval_cfg.every == 0 and done != train_cfg.steps:
+            run_eval(done)
+        if done % train_cfg.ckpt_every == 0 or done == train_cfg.steps:
+            if main_process:
+                save_train_state(workdir, done, model, optimizer, scheduler, scaler, config, keep=train_cfg.keep_ckpts)
+            distributed.barrier()
+        if args.interrupt_after is not None and done == args.interrupt_after:
+            writer.close()
+            raise SystemExit(f"interrupted after step {done} (--interrupt-after)")
+
+    # ------------------------------------------------------------------------------------------ final evaluation
+    progress.close()
+    if world > 1:
+        checksum = distributed.parameter_checksum(model)
+        distributed.check_same_across_ranks([checksum], "the model weights")
+        if main_process:
+            writer.write(train_cfg.steps, {"replicas_identical": True, "parameter_checksum": checksum})
+    results = run_eval(train_cfg.steps)
+    if main_process:
+        for p, r in results.items():
+            print(f"patch {_name(p):>6}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%", flush=True)
+    writer.close()
+    distributed.shutdown()
+    return results
+
+
+def check_patch_sizes(sizes, key: str, image_size) -> None:
+    """Every patch size must fit the image (a border that does not tile is dropped, a larger patch is an error)."""
+    image = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    for patch in sizes:
+        ph, pw = flexivit.pi_resize.to_2tuple(patch, key)
+        if ph > image[0] or pw > image[1]:
+            raise ValueError(
+                f"{key}: patch size {patch} does not fit the {image[0]}x{image[1]} images (data.image_size)"
+            )
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _resize(images: torch.Tensor, size) -> torch.Tensor:
+    if not size or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _name(patch) -> str | int:
+    return patch if isinstance(patch, int) else "x".join(map(str, patch))
+
+
+def _jsonable(results: dict) -> dict:
+    return {str(_name(p)): r for p, r in results.items()}
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=start,
+        disable=not enabled,
+        desc="train",
+        dynamic_ncols=True,
+        mininterval=2.0,
+        file=sys.stdout if os.environ.get("FLEXIVIT_PROGRESS_STDOUT") else None,
+    )
+
+
+if __name__ == "__main__":
+    main()
