@@ -90,7 +90,8 @@ def _download(url: str, path: Path) -> None:
     os.replace(tmp.name, path)  # atomic: a broken download never leaves a truncated file under the real name
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -341,9 +342,9 @@ def save_model(model: FlexiViT, path: str | Path) -> None:
         from safetensors.torch import save_file
 
         meta = {"flexivit": json.dumps({"model_kwargs": kwargs})}
-        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     else:
-        _atomic_write(path, lambda tmp: torch.save({"model": sd, "model_kwargs": kwargs}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"model": sd, "model_kwargs": kwargs}, tmp))
 
 
 def load_model(path: str | Path, **overrides) -> FlexiViT:
@@ -359,6 +360,7 @@ def load_model(path: str | Path, **overrides) -> FlexiViT:
 __all__ = [
     "RELEASES",
     "CheckpointError",
+    "atomic_write",
     "cache_dir",
     "convert_big_vision",
     "flexify_state_dict",
