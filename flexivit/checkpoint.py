@@ -266,6 +266,12 @@ def flexify_state_dict(sd: dict[str, torch.Tensor], model: FlexiViT) -> dict[str
       bilinearly (antialiased where it shrinks) to the model's underlying grid.
     """
     sd = dict(sd)
+    # LayerScale (DeiT-III, some timm ViTs) multiplies the output of attn.proj / mlp.fc2 by a vector: folding it
+    # into that layer's weight and bias is exact, so such checkpoints load into the plain block.
+    for key in [k for k in sd if k.endswith((".ls1.gamma", ".ls2.gamma"))]:
+        gamma, layer = sd.pop(key), key[: -len("ls1.gamma")] + ("attn.proj" if ".ls1." in key else "mlp.fc2")
+        sd[layer + ".weight"] = sd[layer + ".weight"] * gamma[:, None]
+        sd[layer + ".bias"] = sd[layer + ".bias"] * gamma
     kernel = sd.get("patch_embed.proj.weight")
     if kernel is not None and kernel.ndim == 4:
         sd["patch_embed.proj.weight"] = pi_resize_patch_embed(kernel.float(), model.patch_embed.base_patch_size)

@@ -244,3 +244,18 @@ def test_release_found_in_cache_without_network(tmp_path, monkeypatch, npz_path)
 def test_timm_registry_name_is_not_needed():
     # Our loader depends on file formats only, not on timm being installed or its model names.
     assert "flexivit_small" in timm.list_models("flexivit*")
+
+
+def test_layer_scale_checkpoint_is_folded_exactly(tmp_path, images):
+    # DeiT-III style blocks (LayerScale) load into plain blocks with the scale folded into attn.proj / mlp.fc2.
+    reference = timm_vit(16, init_values=0.1)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.normal_(std=0.2) if "gamma" not in name else p.uniform_(0.5, 2.0)
+    path = tmp_path / "deit3.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(reference.state_dict(), path)
+    model = flexivit.create_model("vit_base_patch16", pretrained=path, **SHAPE, gelu_approximate="none").eval()
+    with torch.no_grad():
+        assert rel_err(model(images, patch_size=16), reference(images)) < 1e-5

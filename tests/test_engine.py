@@ -172,3 +172,25 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypat
         train.main(["--config", RUNLOCAL, "--workdir", str(tmp_path), "--set", "train.steps=4"])
     state = torch.load(tmp_path / "checkpoints" / "ckpt_00000002.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@needs_fmnist
+def test_distillation_student_starts_at_the_flexified_teacher(tmp_path):
+    # A fixed p8 teacher (the runlocal shape), then a FlexiViT student initialised from it (Sec. 3.5).
+    teacher_dir = tmp_path / "teacher"
+    train.main(["--config", "configs/classification/fashion_mnist.py:runlocal,fixed=8", "--workdir", str(teacher_dir),
+                "--set", "train.steps=2"])  # fmt: skip
+    student_dir = tmp_path / "student"
+    config = f"configs/classification/fashion_mnist_distill.py:runlocal,teacher={teacher_dir}"
+    results = train.main(["--config", config, "--workdir", str(student_dir), "--set", "train.steps=1", "optim.lr=0.0"])
+    teacher = flexivit.load_model(teacher_dir / "checkpoints" / "ckpt_00000002.pt")
+    student = final_weights(student_dir)
+    assert student["patch_embed.proj.weight"].shape[-2:] == (16, 16)  # the student's underlying kernel
+    torch.testing.assert_close(
+        student["patch_embed.proj.weight"], flexivit.pi_resize_patch_embed(teacher.patch_embed.proj.weight, 16)
+    )
+    grid = teacher.posemb_grid
+    want_pe = flexivit.resize_posemb(teacher.pos_embed.view(1, *grid, -1), 7).reshape(1, 49, -1)
+    torch.testing.assert_close(student["pos_embed"], want_pe)
+    torch.testing.assert_close(student["blocks.0.mlp.fc1.weight"], teacher.blocks[0].mlp.fc1.weight)
+    assert set(results) == {12, 8, 6}

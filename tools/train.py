@@ -70,9 +70,8 @@ def resolve_checkpoint(path: str) -> str:
 def build_teacher(distill, device) -> torch.nn.Module:
     """A frozen teacher in eval mode: a registered model with ``init`` weights, or a checkpoint of ours."""
     if distill.name:
-        teacher = flexivit.create_model(
-            distill.name, pretrained=resolve_checkpoint(distill.init) if distill.init else None
-        )
+        init = resolve_checkpoint(distill.init) if distill.init else None
+        teacher = flexivit.create_model(distill.name, pretrained=init, **(distill.overrides or {}))
     else:
         teacher = flexivit.load_model(resolve_checkpoint(distill.init))
     return teacher.to(device).eval().requires_grad_(False)

@@ -65,9 +65,22 @@ def base_config() -> Config:
     )
 
 
-def distill_config(name=None, init=None, patch_size=None, image_size=None, init_student=True) -> Config:
-    """The ``distill`` block: teacher ``name`` (registry) + ``init`` (weights), or ``init`` alone (our checkpoint)."""
-    return Config(name=name, init=init, patch_size=patch_size, image_size=image_size, init_student=init_student)
+def distill_config(name=None, init=None, overrides=None, patch_size=None, image_size=None, init_student=True) -> Config:
+    """The ``distill`` block (paper Sec. 3.5).
+
+    The teacher is a registered model ``name`` (with ``overrides``) loaded from ``init`` (a file, a workdir or a
+    release name), or, with ``name=None``, a checkpoint of this project at ``init``. It runs at ``patch_size`` on the
+    student's augmented batch resized to ``image_size`` (FunMatch's consistent views). ``init_student`` starts the
+    student at the teacher's weights, PI-resized to the student's underlying sizes.
+    """
+    return Config(
+        name=name,
+        init=init,
+        overrides=overrides or {},
+        patch_size=patch_size,
+        image_size=image_size,
+        init_student=init_student,
+    )
 
 
 def parse_arg(arg: str | None) -> dict:
