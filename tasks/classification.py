@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import flexivit
 from tasks.common import distributed
 from tasks.common.datasets import build_dataset, class_subset, take
+from tasks.common.loader import eval_loader
+from tasks.common.train_state import resolve_checkpoint
 from tasks.common.transforms import eval_transform, train_transform
 
 
@@ -39,40 +41,82 @@ def build_datasets(data) -> tuple:
     return train, train_tf, val, list(train.classes)
 
 
-def build_model(model_cfg, num_classes: int) -> flexivit.FlexiViT:
-    """The backbone with a head of ``num_classes``; ``model_cfg.init`` loads weights (npz, timm, ours)."""
+def build_model(model_cfg, classes: list[str]) -> flexivit.FlexiViT:
+    """The backbone with a head for ``classes``.
+
+    ``model_cfg.init`` loads weights: a release name, a .npz / timm / own file, or a training workdir (its last
+    checkpoint). ``model_cfg.new_head`` replaces the loaded head by a zero-initialised one (transfer to new classes).
+    """
+    num_classes = len(classes)
     overrides = dict(model_cfg.overrides or {})
     overrides.setdefault("num_classes", num_classes)
-    return flexivit.create_model(model_cfg.name, pretrained=model_cfg.init or None, **overrides)
-
-
-def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix each example with the batch reversed (one ratio per batch, from Beta(alpha, alpha)); soft targets."""
-    ratio = torch.distributions.Beta(alpha, alpha).sample().item()
-    return ratio * images + (1 - ratio) * images.flip(0), ratio * targets + (1 - ratio) * targets.flip(0)
+    init = resolve_checkpoint(model_cfg.init) if model_cfg.init else None
+    model = flexivit.create_model(model_cfg.name, pretrained=init, **overrides)
+    if model_cfg.new_head:
+        model.reset_classifier(num_classes)
+    return model
 
 
 def loss(
     logits: torch.Tensor,
-    targets: torch.Tensor,
+    labels: torch.Tensor | None,
     *,
     label_smoothing: float = 0.0,
     teacher_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy with (soft or hard) labels; with a teacher, cross-entropy to its predictions (Sec. 3.5).
+    """Cross-entropy to hard labels, or to a teacher's predicted distribution (distillation, Sec. 3.5).
 
-    Distillation uses the teacher's distribution as the target, as big_vision's distill trainer does; this is
-    KL(teacher || student) up to the teacher's entropy, a constant. Computed in float32 under autocast.
+    With a teacher this is big_vision's distillation loss: KL(teacher || student) up to the teacher's entropy, a
+    constant. Computed in float32 under autocast.
     """
     logits = logits.float()
     if teacher_logits is not None:
         return torch.sum(-F.softmax(teacher_logits.float(), -1) * F.log_softmax(logits, -1), -1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> torch.Tensor:
+    """The loss of one (micro-)batch at ``patch_size``: labels or teacher, optional mixup and consistency term."""
+    images, labels = batch
+    train = config.train
+    ratio = None
+    if train.mixup:  # mix each example with the batch reversed, one Beta(alpha, alpha) ratio per batch
+        ratio = torch.distributions.Beta(train.mixup, train.mixup).sample().item()
+        images = ratio * images + (1 - ratio) * images.flip(0)
+    logits = net(images, patch_size=patch_size)
+    if teacher is not None:
+        # FunMatch: the teacher sees the exact same (augmented, mixed) images, at its own resolution and patch size.
+        with torch.no_grad():
+            teacher_logits = teacher(_resize(images, config.distill.image_size), patch_size=config.distill.patch_size)
+        value = loss(logits, None, teacher_logits=teacher_logits)
+    elif ratio is not None:
+        smooth = train.label_smoothing
+        value = ratio * loss(logits, labels, label_smoothing=smooth) + (1 - ratio) * loss(
+            logits, labels.flip(0), label_smoothing=smooth
+        )
+    else:
+        value = loss(logits, labels, label_smoothing=train.label_smoothing)
+    if train.consistency.weight:
+        # Keeps the patch sizes consistent while fine-tuning at one of them (REFERENCE.md §12): the model's own
+        # prediction at the training size, detached, is the target at another size drawn from (seed + 1, step).
+        other_size = flexivit.UniformSampler(train.consistency.sizes, seed=config.seed + 1)(step)
+        other = net(images, patch_size=other_size)
+        value = value + train.consistency.weight * loss(other, None, teacher_logits=logits.detach())
+    return value
+
+
+def _resize(images: torch.Tensor, size) -> torch.Tensor:
+    if not size or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 @torch.no_grad()
-def evaluate(model, loader, patch_sizes: Sequence, device: torch.device, autocast_dtype=None) -> dict:
-    """Top-1 / top-5 accuracy and loss at each patch size, in one pass over ``loader`` (summed over ranks)."""
+def evaluate(
+    model, val_set, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size: int = 256
+) -> dict:
+    """Top-1 / top-5 accuracy and loss at each patch size, in one pass over ``val_set`` (split over ranks)."""
+    loader = eval_loader(val_set, batch_size=batch_size, rank=distributed.rank(), world=distributed.world_size())
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(patch_sizes), 4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count

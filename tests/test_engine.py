@@ -33,7 +33,8 @@ def final_weights(workdir) -> dict:
 @pytest.mark.parametrize("config", CONFIGS)
 def test_runlocal_of_every_config_trains_and_evaluates(config, tmp_path):
     results = train.main(["--config", f"{config}:runlocal", "--workdir", str(tmp_path), "--set", "train.steps=2"])
-    assert results and all(0 <= r["top1"] <= 1 and r["loss"] == r["loss"] for r in results.values())
+    assert results  # {patch size: {metric: value}} for every evaluated patch size, all finite
+    assert all(torch.isfinite(torch.tensor(float(v))) for r in results.values() for v in r.values())
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train"]["steps"] == 2
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -45,7 +46,7 @@ def test_runlocal_of_every_config_trains_and_evaluates(config, tmp_path):
 def test_loss_decreases_on_a_fixed_batch():
     config = load_config(RUNLOCAL)
     train_set, train_tf, _, classes = classification.build_datasets(config.data)
-    model = classification.build_model(config.model, num_classes=len(classes))
+    model = classification.build_model(config.model, classes)
     images = torch.stack([train_tf(train_set[i][0]) for i in range(16)])
     labels = torch.tensor([train_set[i][1] for i in range(16)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

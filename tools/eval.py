@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-import flexivit
+from flexivit.checkpoint import read_checkpoint
 from tasks.common.config import Config, apply_overrides, load_config
-from tasks.common.loader import eval_loader
-from tasks.common.profiling import count_gflops, device_description, measure_throughput
+from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
 from tasks.common.reporting import markdown_table, plot_sweep, write_csv, write_markdown
 from tasks.common.train_state import latest_checkpoint
 
@@ -68,32 +67,50 @@ def _sources(args) -> list[tuple[str, Config, Path]]:
 
 
 def sweep(name: str, config: Config, checkpoint: Path, patch_sizes, device, *, timing_batch=32, timing=True) -> list:
-    """One row per patch size for one model."""
+    """One row per patch size for one model: the task's metrics plus grid, tokens, GFLOPs, img/s and latency.
+
+    The task builds the model (``build_model``), the checkpoint's ``model`` state dict fills it, and the task's
+    ``image_forward(model)`` (default: the model itself) is counted and timed, called as ``fn(x, patch_size=p)``.
+    """
     task = importlib.import_module(f"tasks.{config.task}")
-    _, _, val_set, _ = task.build_datasets(config.data)
-    model = flexivit.load_model(checkpoint).to(device).eval()
+    _, _, val_set, info = task.build_datasets(config.data)
+    model = load_task_model(task, config, info, checkpoint).to(device).eval()
     patches = [p if isinstance(p, int) else tuple(p) for p in patch_sizes or config.eval.patch_sizes]
     size = config.data.image_size
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
-    results = task.evaluate(model, eval_loader(val_set, batch_size=config.eval.batch_size), patches, device)
-    example = torch.stack([val_set[i % len(val_set)][0] for i in range(timing_batch)]).to(device)
+    results = task.evaluate(model, val_set, patches, device, None, config.eval.batch_size)
+    forward = getattr(task, "image_forward", lambda m: m)(model)
+    example = torch.stack([_image(val_set[i % len(val_set)]) for i in range(timing_batch)]).to(device)
     rows = []
     for patch in patches:
         ph, pw = (patch, patch) if isinstance(patch, int) else patch
         grid = (image_hw[0] // ph, image_hw[1] // pw)
-        row = {
-            "model": name,
-            "patch_size": patch if isinstance(patch, int) else f"{ph}x{pw}",
-            "grid": f"{grid[0]}x{grid[1]}",
-            "tokens": grid[0] * grid[1],
-            "gflops": count_gflops(model, image_hw, patch),
-        }
+        row = {"model": name, "patch_size": patch if isinstance(patch, int) else f"{ph}x{pw}",
+               "grid": f"{grid[0]}x{grid[1]}", "tokens": grid[0] * grid[1],
+               "gflops": count_gflops_fn(lambda x, p=patch: forward(x, patch_size=p), example)}  # fmt: skip
         if timing:
-            speed = measure_throughput(lambda x, p=patch: model(x, patch_size=p), example, warmup=2, repeats=5)
+            speed = measure_throughput(lambda x, p=patch: forward(x, patch_size=p), example, warmup=2, repeats=5)
             row.update(img_per_s=speed["img_per_s"], latency_ms=speed["latency_ms"])
         row.update({("accuracy" if k == "top1" else k): v for k, v in results[patch].items() if k != "n"})
         rows.append(row)
     return rows
+
+
+def load_task_model(task, config: Config, info, checkpoint: Path) -> torch.nn.Module:
+    """The task's model with the weights of ``checkpoint`` (a training checkpoint or a saved model)."""
+    model_cfg = Config({**config.model, "init": None})  # the checkpoint holds the weights
+    model = task.build_model(model_cfg, info)
+    state, _ = read_checkpoint(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint} does not fit the {config.task} model: missing {missing}, unexpected {unexpected}"
+        )
+    return model
+
+
+def _image(item) -> torch.Tensor:
+    return item[0] if isinstance(item, tuple | list) else item
 
 
 def main(argv=None) -> list[dict]:

@@ -23,16 +23,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import flexivit
 from flexivit.checkpoint import flexify_state_dict, load_state_dict
 from tasks.common import distributed
 from tasks.common.config import Config, apply_overrides, load_config, save_config
-from tasks.common.loader import eval_loader, train_loader
+from tasks.common.loader import train_loader
 from tasks.common.optim import build_optimizer, build_scheduler, freeze
-from tasks.common.train_state import latest_checkpoint, load_train_state, save_train_state
+from tasks.common.train_state import latest_checkpoint, load_train_state, resolve_checkpoint, save_train_state
 from tasks.common.writers import MetricWriter
 
 
@@ -55,16 +54,6 @@ def resolve_config(args) -> Config:
     else:
         raise SystemExit("--config is required (or --resume with a workdir that holds config.json)")
     return apply_overrides(config, args.set)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint file, or the last checkpoint of a workdir."""
-    if Path(path).is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"workdir {path} holds no checkpoint (checkpoints/ckpt_*.pt)")
-        return str(found)
-    return path
 
 
 def build_teacher(distill, device) -> torch.nn.Module:
@@ -91,10 +80,10 @@ def main(argv=None) -> dict:
     train_cfg, optim_cfg, eval_cfg = config.train, config.optim, config.eval
 
     # ------------------------------------------------------------------------------------------ input pipeline
-    train_set, train_tf, val_set, classes = task.build_datasets(config.data)
+    train_set, train_tf, val_set, info = task.build_datasets(config.data)
 
     # ------------------------------------------------------------------------------------------ model
-    model = task.build_model(config.model, num_classes=len(classes))
+    model = task.build_model(config.model, info)
     teacher = None
     if config.distill:
         teacher = build_teacher(config.distill, device)
@@ -106,6 +95,8 @@ def main(argv=None) -> dict:
         model.set_grad_checkpointing(True)
     model.to(device)
     sampler = flexivit.build_sampler(**{"seed": config.seed, **config.patch_sizes})
+    if train_cfg.consistency.weight:
+        check_patch_sizes(train_cfg.consistency.sizes, "train.consistency.sizes", config.data.image_size)
     eval_patches = [p if isinstance(p, int) else tuple(p) for p in eval_cfg.patch_sizes]
     check_patch_sizes(sampler.sizes, "patch_sizes.sizes", config.data.image_size)
     check_patch_sizes(eval_patches, "eval.patch_sizes", config.data.image_size)
@@ -158,18 +149,17 @@ def main(argv=None) -> dict:
         start_step=start_step,
         num_workers=config.data.num_workers,
     )
-    val_loader = eval_loader(val_set, batch_size=eval_cfg.batch_size, rank=rank, world=world)
     writer = MetricWriter(workdir, enabled=main_process)
     if main_process:
         print(
-            f"{config.task}: {len(train_set)} train / {len(val_set)} val examples, {len(classes)} classes; "
+            f"{config.task}: {len(train_set)} train / {len(val_set)} val examples; "
             f"model {config.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
             f"{len(frozen)} frozen); patch sizes {sampler}; {world} process(es) on {device}",
             flush=True,
         )
 
     def run_eval(step: int) -> dict:
-        results = task.evaluate(model, val_loader, eval_patches, device, autocast_dtype)
+        results = task.evaluate(model, val_set, eval_patches, device, autocast_dtype, eval_cfg.batch_size)
         if main_process:
             writer.write(
                 step, {f"eval/{k}_p{_name(p)}": v for p, r in results.items() for k, v in r.items() if k != "n"}
@@ -187,24 +177,12 @@ def main(argv=None) -> dict:
         patch = sampler(step)  # the same on every rank: a function of (seed, step) only
         if world > 1:  # cheap insurance for the paper's "one patch size per step on all ranks"
             distributed.check_same_across_ranks([step, *flexivit.pi_resize.to_2tuple(patch)], "the patch size")
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        targets = F.one_hot(labels, len(classes)).float()
-        if train_cfg.mixup:
-            images, targets = task.mixup(images, targets, train_cfg.mixup)
-        teacher_logits = None
-        if teacher is not None:
-            with torch.no_grad(), _autocast(device, autocast_dtype):
-                teacher_images = _resize(images, config.distill.image_size)
-                teacher_logits = teacher(teacher_images, patch_size=config.distill.patch_size).float()
-
+        batch = [t.to(device, non_blocking=True) for t in next(batches)]
         step_loss = torch.zeros((), device=device)
-        for micro, chunk in enumerate(zip(*(t.chunk(accum) for t in (images, targets)), strict=True)):
-            sync = micro == accum - 1 or world == 1
+        for micro, micro_batch in enumerate(zip(*(t.chunk(accum) for t in batch), strict=True)):
+            sync = micro == accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
             with contextlib.nullcontext() if sync else net.no_sync(), _autocast(device, autocast_dtype):
-                logits = net(chunk[0], patch_size=patch)
-                t_chunk = None if teacher_logits is None else teacher_logits.chunk(accum)[micro]
-                loss = task.loss(logits, chunk[1], label_smoothing=train_cfg.label_smoothing, teacher_logits=t_chunk)
+                loss = task.train_loss(net, micro_batch, patch, step=step, config=config, teacher=teacher)
                 scaler.scale(loss / accum).backward()
             step_loss += loss.detach() / accum
 
@@ -281,12 +259,6 @@ def check_patch_sizes(sizes, key: str, image_size) -> None:
 
 def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def _resize(images: torch.Tensor, size) -> torch.Tensor:
-    if not size or tuple(images.shape[-2:]) == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _name(patch) -> str | int:

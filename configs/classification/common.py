@@ -14,6 +14,7 @@ def base_config() -> Config:
             name="flexivit_small",
             init=None,  # .npz / timm / our checkpoint / workdir, or an official release name
             overrides={},  # FlexiViT keyword arguments, e.g. {"depth": 6}
+            new_head=False,  # replace the loaded head by a fresh zero-initialised one (transfer to new classes)
         ),
         data=dict(
             name="fashion_mnist",
@@ -53,6 +54,9 @@ def base_config() -> Config:
             precision="fp32",  # fp32 | bf16 | fp16 (GPU only)
             label_smoothing=0.0,
             mixup=0.0,  # Beta(alpha, alpha) mixing ratio per batch; 0 = off
+            # Consistency across patch sizes while fine-tuning at one size: weight * CE(pred at a random size from
+            # `sizes`, detached pred at the training size). 0 = off. Costs a second forward/backward per step.
+            consistency=dict(weight=0.0, sizes=[]),
             grad_checkpointing=False,
             compile=False,
             log_every=50,

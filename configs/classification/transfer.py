@@ -38,6 +38,7 @@ def get_config(arg=None):
         (train_split, val_split), steps, warmup = DATASETS[dataset]
         config.model.name = args.get("model", "flexivit_base")
         config.model.init = "flexivit_b_i21k_300ep"  # any release name, .npz, timm file or workdir
+        config.model.new_head = True
         config.data.update(name=dataset, train_split=train_split, val_split=val_split, image_size=240, num_workers=8)
         config.train.update(steps=steps, batch_size=512, ckpt_every=1000)
         config.optim.update(

@@ -28,6 +28,16 @@ def latest_checkpoint(workdir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> str:
+    """A checkpoint file or release name as given, or the last checkpoint of a training workdir."""
+    if Path(path).is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"workdir {path} holds no checkpoint (checkpoints/ckpt_*.pt)")
+        return str(found)
+    return str(path)
+
+
 def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config, keep: int = 2) -> Path:
     """Write ``checkpoints/ckpt_{step}.pt`` (temp file + rename) and delete all but the last ``keep``."""
     state = {
