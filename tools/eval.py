@@ -80,7 +80,9 @@ def sweep(name: str, config: Config, checkpoint: Path, patch_sizes, device, *, t
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
     results = task.evaluate(model, val_set, patches, device, None, config.eval.batch_size)
     forward = getattr(task, "image_forward", lambda m: m)(model)
-    example = torch.stack([_image(val_set[i % len(val_set)]) for i in range(timing_batch)]).to(device)
+    # Speed does not depend on pixel values: time a synthetic batch of the configured size (validation images may
+    # differ in size, e.g. ADE20k).
+    example = torch.randn(timing_batch, 3, *image_hw, device=device)
     rows = []
     for patch in patches:
         ph, pw = (patch, patch) if isinstance(patch, int) else patch
@@ -107,10 +109,6 @@ def load_task_model(task, config: Config, info, checkpoint: Path) -> torch.nn.Mo
             f"{checkpoint} does not fit the {config.task} model: missing {missing}, unexpected {unexpected}"
         )
     return model
-
-
-def _image(item) -> torch.Tensor:
-    return item[0] if isinstance(item, tuple | list) else item
 
 
 def main(argv=None) -> list[dict]:

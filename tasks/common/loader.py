@@ -15,8 +15,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+class JointTransform:
+    """Marks a train transform that maps the whole item to an item, e.g. ``(image, mask) -> (image, mask)``.
+
+    Without it, :class:`SeededItems` applies the transform to the first element (the image) only.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, item: tuple) -> tuple:
+        return tuple(self.fn(*item))
+
+
 class SeededItems(Dataset):
-    """Wraps a dataset so that ``dataset[(index, seed)]`` applies ``transform`` with the CPU RNG seeded by ``seed``."""
+    """Wraps a dataset so that ``dataset[(index, seed)]`` applies ``transform`` with the CPU RNG seeded by ``seed``.
+
+    The transform sees the image (the item's first element), or the whole item if it is a :class:`JointTransform`.
+    """
 
     def __init__(self, dataset: Dataset, transform=None):
         self.dataset, self.transform = dataset, transform
@@ -33,13 +49,16 @@ class SeededItems(Dataset):
         with torch.random.fork_rng(devices=[]):
             out = []
             for index, seed in items:
-                image, label = self.dataset[index]
+                item = tuple(self.dataset[index])
                 if self.transform is not None:
                     # The CPU generator alone: torch.manual_seed also queues a CUDA seeding that records a stack
                     # trace, which costs more than the transform itself. Transforms run on the CPU.
                     torch.default_generator.manual_seed(seed)
-                    image = self.transform(image)
-                out.append((image, label))
+                    if isinstance(self.transform, JointTransform):
+                        item = self.transform(item)
+                    else:
+                        item = (self.transform(item[0]), *item[1:])
+                out.append(item)
         return out
 
 
