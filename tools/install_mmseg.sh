@@ -14,7 +14,7 @@ mkdir -p "$wheels"
 $py -m pip install -q "setuptools<81" wheel mmengine==0.10.7
 if ! ls "$wheels"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
   src=$(mktemp -d)
-  $py -m pip download -q --no-deps --no-binary :all: mmcv==2.1.0 -d "$src"
+  $py -m pip download -q --no-deps --no-build-isolation --no-binary :all: mmcv==2.1.0 -d "$src"
   tar xzf "$src"/mmcv-2.1.0.tar.gz -C "$src"
   # torch >= 2.6 headers need C++20; mmcv 2.1.0 asks for C++17.
   sed -i 's/-std=c++17/-std=c++20/g' "$src"/mmcv-2.1.0/setup.py

@@ -87,6 +87,34 @@ def distill_config(name=None, init=None, overrides=None, patch_size=None, image_
     )
 
 
+def big_vision_distill_config(
+    model: str, *, train_images: int, batch: int, epochs: int, num_workers: int, teacher: Config
+) -> Config:
+    """big_vision's FlexiViT distillation recipe (configs/proj/flexivit/*_distill.py) on an image folder at 240 px.
+
+    Adam lr 1e-4, 5k warmup steps, cosine decay, gradient clip 1.0, mixup on every batch, bf16. big_vision's weight
+    decay of 1e-5 is applied per step scaled by the schedule only; torch's AdamW multiplies it by the learning rate,
+    hence 1e-5 / 1e-4 = 0.1 here.
+    """
+    config = base_config()
+    config.model.name = model  # no init: the student starts at the teacher (distill.init_student)
+    config.data.update(
+        name="imagefolder", train_split="train", val_split="val", image_size=240, num_workers=num_workers
+    )
+    config.train.update(
+        steps=epochs * train_images // batch,
+        batch_size=batch,
+        mixup=1.0,
+        precision="bf16",
+        log_every=50,
+        ckpt_every=1000,
+    )
+    config.optim.update(name="adamw", lr=1e-4, weight_decay=0.1, warmup_steps=5000, schedule="cosine", clip_norm=1.0)
+    config.distill = teacher
+    config.eval.update(every=5000, batch_size=256)
+    return config
+
+
 def parse_arg(arg: str | None) -> dict:
     """``"runlocal,fixed=16"`` -> ``{"runlocal": True, "fixed": "16"}`` (big_vision's config-arg style)."""
     out = {}

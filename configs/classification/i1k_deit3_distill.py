@@ -9,12 +9,11 @@ LayerScale is folded into the blocks when loading). On 8 GPUs:
 
 Recipe (big_vision): 90 epochs at batch 1024, Adam lr 1e-4 with 5k warmup steps and cosine decay, gradient clip
 1.0, mixup on every batch, student and teacher at 16x16 patches, the student at 240 px and initialised from the
-teacher. big_vision's weight decay of 1e-5 is applied per step scaled by the schedule only; torch's AdamW
-multiplies it by the learning rate, hence 1e-5 / 1e-4 = 0.1 here.
+teacher (weight decay: see common.big_vision_distill_config).
 Expected (paper Fig. 2, 90 epochs for S): about 80 % top-1 at patch 16 for S and a smooth curve over patch sizes.
 """
 
-from configs.classification.common import base_config, distill_config, parse_arg
+from configs.classification.common import big_vision_distill_config, distill_config, parse_arg
 from configs.classification.fashion_mnist import get_config as fashion_mnist_config
 
 IMAGENET_TRAIN = 1_281_167
@@ -25,24 +24,17 @@ def get_config(arg=None):
     variant = args.get("variant", "base")
     if args.get("runlocal"):  # the recipe's plumbing on the embedded data, seconds on a CPU
         return _runlocal(fashion_mnist_config("runlocal"))
-    config = base_config()
-    config.model.name = f"flexivit_{variant}"
-    # The student starts at the teacher (distill.init_student), so it needs no init of its own.
-    config.data.update(name="imagefolder", train_split="train", val_split="val", image_size=240, num_workers=8)
-    batch, epochs = 1024, int(args.get("epochs", 90))
-    config.train.update(
-        steps=epochs * IMAGENET_TRAIN // batch,
-        batch_size=batch,
-        mixup=1.0,
-        precision="bf16",
-        log_every=50,
-        ckpt_every=1000,
+    teacher = distill_config(
+        name=f"vit_{variant}_patch16", patch_size=16, image_size=384, overrides=dict(posemb_grid=24)
     )
-    config.optim.update(name="adamw", lr=1e-4, weight_decay=0.1, warmup_steps=5000, schedule="cosine", clip_norm=1.0)
-    config.distill = distill_config(
-        name=f"vit_{variant}_patch16", init=None, patch_size=16, image_size=384, overrides=dict(posemb_grid=24)
+    config = big_vision_distill_config(
+        f"flexivit_{variant}",
+        train_images=IMAGENET_TRAIN,
+        batch=1024,
+        epochs=int(args.get("epochs", 90)),
+        num_workers=8,
+        teacher=teacher,
     )
-    config.eval.update(every=5000, batch_size=256)
     # distill.init: the DeiT-III weights, required: --set distill.init=/path/to/deit3_{variant}_384.safetensors
     return config
 

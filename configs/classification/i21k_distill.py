@@ -11,7 +11,7 @@ Recipe (big_vision): 90 epochs (300 and 1000 for the released models) at batch 4
 cosine, gradient clip 1.0, mixup on every batch. Weight decay: see i1k_deit3_distill.py (1e-5 / lr = 0.1 here).
 """
 
-from configs.classification.common import base_config, distill_config, parse_arg
+from configs.classification.common import big_vision_distill_config, distill_config, parse_arg
 from configs.classification.fashion_mnist import get_config as fashion_mnist_config
 from configs.classification.i1k_deit3_distill import _runlocal
 
@@ -22,22 +22,15 @@ def get_config(arg=None):
     args = parse_arg(arg)
     if args.get("runlocal"):
         return _runlocal(fashion_mnist_config("runlocal"))
-    config = base_config()
-    config.model.name = "flexivit_base"
-    config.data.update(name="imagefolder", train_split="train", val_split="val", image_size=240, num_workers=16)
-    batch, epochs = 4096, int(args.get("epochs", 90))
-    config.train.update(
-        steps=epochs * IMAGENET21K_TRAIN // batch,
-        batch_size=batch,
-        mixup=1.0,
-        precision="bf16",
-        log_every=50,
-        ckpt_every=1000,
-    )
-    config.optim.update(name="adamw", lr=1e-4, weight_decay=0.1, warmup_steps=5000, schedule="cosine", clip_norm=1.0)
     # The B/8 teacher sees 224 px (a 28x28 grid): its stored grid is 28x28.
-    config.distill = distill_config(
-        name="vit_base_patch8", patch_size=8, image_size=224, overrides=dict(posemb_grid=28)
+    teacher = distill_config(name="vit_base_patch8", patch_size=8, image_size=224, overrides=dict(posemb_grid=28))
+    config = big_vision_distill_config(
+        "flexivit_base",
+        train_images=IMAGENET21K_TRAIN,
+        batch=4096,
+        epochs=int(args.get("epochs", 90)),
+        num_workers=16,
+        teacher=teacher,
     )
-    config.eval.update(every=10000, batch_size=256)
+    config.eval.every = 10000
     return config

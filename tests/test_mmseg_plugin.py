@@ -1,0 +1,92 @@
+"""The mmsegmentation plug-in: FlexiViT as an mmseg backbone in an EncoderDecoder (runs when mmseg is installed)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed (bash tools/install_mmseg.sh)")
+pytest.importorskip("mmcv.ops", reason="mmcv built without ops (bash tools/install_mmseg.sh)")
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.logging import MessageHub  # noqa: E402
+from mmengine.optim import OptimWrapper  # noqa: E402
+from mmengine.structures import PixelData  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.structures import SegDataSample  # noqa: E402
+from mmseg.utils import register_all_modules  # noqa: E402
+
+import flexivit  # noqa: E402
+import tasks.mmseg_backbone  # noqa: E402, F401  (registers FlexiViTBackbone)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/mmseg/segmenter_linear_flexivit-s_8xb1-160k_ade20k-512x512.py"
+register_all_modules()
+
+
+def tiny_segmentor(test_cfg):
+    config = Config.fromfile(str(CONFIG))
+    model_cfg = config.model
+    model_cfg.backbone.update(name="flexivit_mu", pretrained=None, train_patch_sizes=[16, 12, 8], test_patch_size=8,
+                              overrides=dict(depth=1, width=32, num_heads=2))  # fmt: skip
+    model_cfg.decode_head.update(in_channels=32, channels=32, num_classes=5)
+    model_cfg.data_preprocessor.size = (48, 48)
+    model_cfg.test_cfg = test_cfg
+    return MODELS.build(model_cfg)
+
+
+def batch(n=2, size=48):
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 255, (3, size, size), generator=g).float() for _ in range(n)]
+    samples = []
+    for _ in range(n):
+        sample = SegDataSample()
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, size, size), generator=g))
+        sample.set_metainfo(dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size)))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def test_config_builds_the_paper_recipe():
+    config = Config.fromfile(str(CONFIG))
+    assert config.model.backbone.type == "FlexiViTBackbone"
+    assert config.model.decode_head.type == "FCNHead" and config.model.decode_head.num_convs == 0
+    assert list(config.model.backbone.train_patch_sizes) == list(flexivit.PAPER_PATCH_SIZES)
+
+
+def test_training_step_uses_the_iteration_s_patch_size():
+    model = tiny_segmentor(dict(mode="whole"))
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    hub = MessageHub.get_current_instance()
+    sampler = flexivit.UniformSampler([16, 12, 8], seed=0)
+    model.train()
+    kernel_before = model.backbone.vit.patch_embed.proj.weight.detach().clone()
+    for iteration in (0, 1, 2):
+        hub.update_info("iter", iteration)
+        assert model.backbone.current_patch_size() == (sampler(iteration),) * 2
+        losses = model.train_step(batch(), optim)
+        assert torch.isfinite(losses["loss"])
+    assert not torch.equal(model.backbone.vit.patch_embed.proj.weight, kernel_before)
+
+
+def test_slide_inference_matches_whole_when_the_window_covers_the_image():
+    whole = tiny_segmentor(dict(mode="whole")).eval()
+    slide = tiny_segmentor(dict(mode="slide", crop_size=(48, 48), stride=(32, 32)))
+    slide.load_state_dict(whole.state_dict())
+    slide.eval()
+    data = batch(n=1)
+    with torch.no_grad():
+        a = whole.test_step(data)[0].seg_logits.data
+        b = slide.test_step(data)[0].seg_logits.data
+    assert a.shape == (5, 48, 48)
+    torch.testing.assert_close(a, b)
+
+
+def test_patch_size_that_does_not_divide_the_input_is_padded():
+    model = tiny_segmentor(dict(mode="slide", crop_size=(32, 32), stride=(24, 24))).eval()
+    model.backbone.test_patch_size = (12, 12)  # 48 px crops -> padded to 48, 32 px windows -> padded to 36
+    with torch.no_grad():
+        (features,) = model.backbone(torch.randn(1, 3, 32, 32))
+        out = model.test_step(batch(n=1))[0].seg_logits.data
+    assert features.shape[-2:] == (8, 8)  # a quarter of the 32 px window
+    assert out.shape == (5, 48, 48) and torch.isfinite(out).all()
