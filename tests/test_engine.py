@@ -44,6 +44,7 @@ def test_runlocal_of_every_config_trains_and_evaluates(config, tmp_path):
 
 @needs_fmnist
 def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)  # the model's initialisation; measured: 2.30 -> ~0.4 after 60 steps for seeds 0 and 1
     config = load_config(RUNLOCAL)
     train_set, train_tf, _, classes = classification.build_datasets(config.data)
     model = classification.build_model(config.model, classes)
@@ -51,13 +52,13 @@ def test_loss_decreases_on_a_fixed_batch():
     labels = torch.tensor([train_set[i][1] for i in range(16)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(30):
+    for step in range(60):
         loss = classification.loss(model(images, patch_size=[12, 8, 6][step % 3]), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.35 * losses[0]  # memorising 16 images: a broken gradient path stays near log(10) = 2.3
 
 
 @needs_fmnist
