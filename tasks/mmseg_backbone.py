@@ -33,6 +33,7 @@ from mmseg.registry import MODELS
 
 import flexivit
 from flexivit.pi_resize import to_2tuple
+from tasks.segmentation.model import pad_to_multiple, tokens_to_map
 
 
 @MODELS.register_module()
@@ -67,16 +68,14 @@ class FlexiViTBackbone(BaseModule):
         return to_2tuple(self.sampler(iteration))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
-        ph, pw = self.current_patch_size()
+        patch = self.current_patch_size()
         height, width = images.shape[-2:]
-        pad_h, pad_w = -height % ph, -width % pw
-        padded = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-        out = self.vit.forward_features(padded, patch_size=(ph, pw))
-        gh, gw = out["grid"]
-        features = out["tokens"].transpose(1, 2).reshape(images.shape[0], -1, gh, gw)  # (B, D, gh, gw)
-        if pad_h or pad_w:
+        padded = pad_to_multiple(images, patch)  # Segmenter's rule, shared with tasks.segmentation
+        out = self.vit.forward_features(padded, patch_size=patch)
+        features = tokens_to_map(out["tokens"], out["grid"])  # (B, D, gh, gw)
+        if padded.shape[-2:] != images.shape[-2:]:
             s = self.out_stride
-            up = (math.ceil((height + pad_h) / s), math.ceil((width + pad_w) / s))
+            up = (math.ceil(padded.shape[-2] / s), math.ceil(padded.shape[-1] / s))
             features = F.interpolate(features, size=up, mode="bilinear", align_corners=False)
             features = features[..., : math.ceil(height / s), : math.ceil(width / s)]
         return (features,)

@@ -80,13 +80,15 @@ def sweep(name: str, config: Config, checkpoint: Path, patch_sizes, device, *, t
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
     results = task.evaluate(model, val_set, patches, device, None, config.eval.batch_size)
     forward = getattr(task, "image_forward", lambda m: m)(model)
+    # The backbone drops a border that the patches do not tile; a task that pads instead says so with token_grid.
+    token_grid = getattr(task, "token_grid", lambda hw, p: (hw[0] // p[0], hw[1] // p[1]))
     # Speed does not depend on pixel values: time a synthetic batch of the configured size (validation images may
     # differ in size, e.g. ADE20k).
     example = torch.randn(timing_batch, 3, *image_hw, device=device)
     rows = []
     for patch in patches:
         ph, pw = (patch, patch) if isinstance(patch, int) else patch
-        grid = (image_hw[0] // ph, image_hw[1] // pw)
+        grid = token_grid(image_hw, (ph, pw))
         row = {"model": name, "patch_size": patch if isinstance(patch, int) else f"{ph}x{pw}",
                "grid": f"{grid[0]}x{grid[1]}", "tokens": grid[0] * grid[1],
                "gflops": count_gflops_fn(lambda x, p=patch: forward(x, patch_size=p), example)}  # fmt: skip
@@ -132,7 +134,8 @@ def main(argv=None) -> list[dict]:
             timing_batch=args.timing_batch,
             timing=not args.no_timing,
         )
-    metric = "accuracy" if "accuracy" in rows[0] else next(k for k in rows[0] if k not in ("model", "patch_size"))
+    fixed = ("model", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms")
+    metric = "accuracy" if "accuracy" in rows[0] else next(k for k in rows[0] if k not in fixed)
     percent = [k for k in ("accuracy", "top5") if k in rows[0]]
     columns = [
         c for c in ("model", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms") if c in rows[0]

@@ -1,0 +1,194 @@
+"""Semantic segmentation: Segmenter's linear decoder on FlexiViT, evaluated by mIoU at every patch size (paper Sec. 4).
+
+The task's face for the engine (tools/train.py, tools/eval.py): ``build_datasets``, ``build_model``, ``train_loss``,
+``evaluate`` and ``image_forward``. Fixed and flexified transfer differ only in the engine's patch-size sampler; fast
+transfer is fixed transfer at a large patch size evaluated at all of them.
+
+    model.py       the linear decoder, padding to a multiple of the patch size, backbone + decoder
+    inference.py   whole-image / sliding-window inference, flip and multi-scale
+    metrics.py     confusion matrix, per-class IoU, mIoU, mAcc, aAcc (mmseg's IoUMetric definitions)
+    data.py        ADE20k, Cityscapes and image + PNG folder datasets
+    transforms.py  the mmseg train pipeline on image and mask together (torchvision v2), eval resize
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import flexivit
+from tasks.common import distributed
+from tasks.common.loader import JointTransform
+from tasks.common.scenes import SceneSpec, write_cityscapes_style, write_scenes
+from tasks.common.train_state import resolve_checkpoint
+
+from .data import IGNORE_INDEX, build_segmentation_dataset
+from .inference import InferenceSettings, predict
+from .metrics import confusion_matrix, segmentation_metrics
+from .model import LinearDecoder, Segmenter, pad_to_multiple, tokens_to_map
+from .transforms import EvalTransform, TrainTransform
+
+__all__ = [
+    "IGNORE_INDEX",
+    "InferenceSettings",
+    "LinearDecoder",
+    "Segmenter",
+    "build_datasets",
+    "build_model",
+    "confusion_matrices",
+    "evaluate",
+    "image_forward",
+    "pad_to_multiple",
+    "predict",
+    "segmentation_metrics",
+    "tokens_to_map",
+    "train_loss",
+]
+
+
+def _pair_or_none(value) -> tuple[int, int] | None:
+    return None if value is None else tuple(value)
+
+
+def ensure_generated(name: str, root: str | Path, generate) -> None:
+    """Write generated scenes at ``root`` when it is missing and ``generate`` (scene settings) is given.
+
+    ``ade20k`` / ``folder`` get the ADE-style scenes themselves; ``cityscapes`` a Cityscapes-layout copy of them.
+    """
+    if not generate or Path(root).exists():
+        return
+    settings = dict(generate)
+    counts = {k: settings.pop(k) for k in ("num_train", "num_val", "seed")}
+    spec = SceneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    scenes = Path(f"{root}.scenes") if name == "cityscapes" else Path(root)
+    if not scenes.exists():
+        write_scenes(scenes, spec=spec, **counts)
+    if name == "cityscapes":
+        write_cityscapes_style(scenes, root)
+
+
+def build_datasets(data) -> tuple:
+    """``(train set, joint train transform, validation set with its eval transform applied, class names)``."""
+    ensure_generated(data.name, data.root, data.generate)
+    options = dict(data.folder or {}, classes=data.classes)
+    value_range = data.value_range if isinstance(data.value_range, str) else tuple(data.value_range)
+    train_tf = TrainTransform(
+        crop=data.image_size,
+        scale=_pair_or_none(data.scale),
+        ratio_range=tuple(data.ratio_range),
+        cat_max_ratio=data.cat_max_ratio,
+        hflip=data.hflip,
+        photometric=data.photometric,
+        value_range=value_range,
+    )
+    val_tf = EvalTransform(scale=_pair_or_none(data.test_scale), value_range=value_range)
+    train = build_segmentation_dataset(data.name, data.train_split, data.root, **options)
+    val = build_segmentation_dataset(data.name, data.val_split, data.root, transform=val_tf, **options)
+    classes = list(train.classes)
+    if data.train_examples:
+        train = train.take(data.train_examples)
+    if data.val_examples:
+        val = val.take(data.val_examples)
+    return train, JointTransform(train_tf), val, classes
+
+
+def build_model(model_cfg, classes: Sequence[str]) -> Segmenter:
+    """A FlexiViT backbone (``model_cfg.init`` loads weights: a release, a file or a workdir) + a linear decoder.
+
+    The backbone's classification head, if the checkpoint has one, is dropped.
+    """
+    overrides = {**(model_cfg.overrides or {}), "num_classes": 0}
+    init = resolve_checkpoint(model_cfg.init) if model_cfg.init else None
+    backbone = flexivit.create_model(model_cfg.name, pretrained=init, **overrides)
+    inference = dict(model_cfg.inference or {})
+    if "scales" in inference:
+        inference["scales"] = tuple(inference["scales"])
+    return Segmenter(
+        backbone=backbone,
+        num_classes=len(classes),
+        dropout=model_cfg.decoder_dropout,
+        inference=InferenceSettings(**inference),
+    )
+
+
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> torch.Tensor:
+    """Per-pixel cross-entropy at ``patch_size``, ignoring 255 (padding and unlabelled pixels), in float32.
+
+    With ``train.consistency.weight`` the prediction at a second size drawn from ``(seed + 1, step)`` is also pulled
+    towards the detached prediction at the training size (REFERENCE.md §12), per labelled pixel.
+    """
+    if teacher is not None:
+        raise ValueError("segmentation has no distillation: set distill=None")
+    images, masks = batch
+    logits = net(images, patch_size=patch_size).float()  # (B, K, H, W)
+    loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    consistency = config.train.consistency
+    if consistency.weight:
+        other_size = flexivit.UniformSampler(consistency.sizes, seed=config.seed + 1)(step)
+        other = net(images, patch_size=other_size).float()
+        target = logits.detach().softmax(1)
+        per_pixel = -(target * other.log_softmax(1)).sum(1)  # (B, H, W)
+        valid = masks != IGNORE_INDEX
+        loss = loss + consistency.weight * per_pixel[valid].sum() / valid.sum().clamp(min=1)
+    return loss
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+@torch.no_grad()
+def confusion_matrices(
+    model: Segmenter, val_set, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size: int = 8
+) -> torch.Tensor:
+    """(P, K, K) confusion matrices, one per patch size, summed over ranks (each rank takes every world-th image).
+
+    Images are predicted with ``model.inference`` and scored at their label's size; images of different sizes
+    (ADE20k) are batched only with images of the same size.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=batch_size, collate_fn=_as_list)
+    was_training = model.training
+    model.eval()
+    k = model.num_classes
+    confusion = torch.zeros(len(patch_sizes), k, k, dtype=torch.int64, device=device)
+    for items in loader:
+        groups: dict[tuple, list] = {}
+        for image, mask in items:
+            groups.setdefault((tuple(image.shape), tuple(mask.shape)), []).append((image, mask))
+        for group in groups.values():
+            images = torch.stack([image for image, _ in group]).to(device)
+            masks = torch.stack([mask for _, mask in group]).to(device)
+            for i, patch in enumerate(patch_sizes):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    scores = predict(model, images, patch, model.inference, out_size=masks.shape[-2:])
+                confusion[i] += confusion_matrix(scores.argmax(1), masks, k, IGNORE_INDEX)
+    model.train(was_training)
+    return distributed.all_reduce_sum(confusion).cpu()
+
+
+def evaluate(
+    model: Segmenter, val_set, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size: int = 8
+) -> dict:
+    """``{patch size: {"mIoU", "aAcc", "mAcc", "n"}}`` (fractions); per-class IoU: :func:`confusion_matrices`."""
+    confusion = confusion_matrices(model, val_set, patch_sizes, device, autocast_dtype, batch_size)
+    results = {}
+    for patch, matrix in zip(patch_sizes, confusion, strict=True):
+        metrics = segmentation_metrics(matrix)
+        results[patch] = {key: metrics[key] for key in ("mIoU", "aAcc", "mAcc")} | {"n": len(val_set)}
+    return results
+
+
+def token_grid(image_hw, patch) -> tuple[int, int]:
+    """The token grid at ``patch``: Segmenter pads the image to a multiple of the patch size (tools.eval reads this)."""
+    return (math.ceil(image_hw[0] / patch[0]), math.ceil(image_hw[1] / patch[1]))
+
+
+def image_forward(model: Segmenter):
+    """What tools.eval counts and times: the whole-image forward (backbone, decoder, upsampling) at one size."""
+    return model
