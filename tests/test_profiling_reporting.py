@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import re
-import time
 
 import pytest
 import torch
@@ -66,26 +65,43 @@ def test_split_gflops_separates_the_per_call_resize():
     assert per_call * 1e9 >= kernel_resize
 
 
-def test_throughput_of_a_sleep():
-    sleep_s, batch = 0.02, 4
-    result = profiling.measure_throughput(lambda x: time.sleep(sleep_s), torch.zeros(batch, 3), warmup=1, repeats=3)
+class FakeClock:
+    """A perf_counter that only moves when the timed function says so: timing tests without wall-clock flakiness."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_throughput_of_a_known_duration(monkeypatch):
+    clock, batch = FakeClock(), 4
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+
+    def fn(x):
+        clock.t += 0.02
+
+    result = profiling.measure_throughput(fn, torch.zeros(batch, 3), warmup=1, repeats=3)
     assert result["batch_size"] == batch
-    assert sleep_s * 1e3 <= result["latency_ms"] < sleep_s * 1e3 + 15
-    assert result["img_per_s"] == pytest.approx(batch / (result["latency_ms"] / 1e3))
+    assert result["latency_ms"] == pytest.approx(20.0)
+    assert result["img_per_s"] == pytest.approx(batch / 0.02)
 
 
-def test_throughput_uses_median_and_min_time():
+def test_throughput_uses_median_and_min_time(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
     durations = iter([0.0, 0.2] + [0.005] * 100)  # one warm-up, then one slow outlier among fast calls
     calls = []
 
     def fn(x):
         calls.append(1)
-        time.sleep(next(durations))
+        clock.t += next(durations)
 
     result = profiling.measure_throughput(fn, torch.zeros(2, 3), warmup=1, repeats=3, min_time_s=0.3)
-    assert result["latency_ms"] < 50  # a mean would be > 50 ms
-    # min_time_s keeps timing past `repeats`: 0.2 s + at least 20 calls of 5 ms.
-    assert len(calls) - 1 >= 1 + 20
+    assert result["latency_ms"] == pytest.approx(5.0)  # the median; a mean would be > 5 ms
+    # min_time_s keeps timing past `repeats` until the timed calls add up: 0.2 s + 20 calls of 5 ms = 0.3 s.
+    assert len(calls) - 1 == 1 + 20
 
 
 def test_device_description():
