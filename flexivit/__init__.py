@@ -8,6 +8,7 @@
 """
 
 from .checkpoint import RELEASES, CheckpointError, load_model, read_checkpoint, save_model
+from .deploy import fix_patch_size
 from .model import FlexiViT
 from .patch_sizes import (
     PAPER_PATCH_SIZES,
@@ -36,6 +37,7 @@ __all__ = [
     "bilinear_resize_patch_embed",
     "build_sampler",
     "create_model",
+    "fix_patch_size",
     "list_models",
     "load_model",
     "pi_resize_patch_embed",

@@ -62,6 +62,9 @@ class _MatrixCache:
         self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.computed = 0
 
+    # torch.compile: a lookup is a constant of the traced graph (its key is static); otherwise dynamo guards on the
+    # dict's contents, and the first trace at each size (a cache miss) is followed by a recompilation.
+    @torch.compiler.assume_constant_result
     def get(self, key: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cast_key = (key, dtype, device)
         if cast_key not in self._cast:

@@ -105,6 +105,28 @@ def test_matrices_computed_once_per_size_pair():
     assert POSEMB_CACHE.computed == 1
 
 
+def test_matrices_computed_once_across_device_moves():
+    # A model moved to another device reuses the float64 matrices and only makes a copy on that device. Checked
+    # through the cache itself on the "meta" device, which needs no GPU (the resize proper cannot run on meta:
+    # torch.autocast has no meta device); with a GPU, also end to end below.
+    clear_caches()
+    cpu = PI_CACHE.get(((32, 32), (16, 16)), torch.float32, torch.device("cpu"))
+    meta = PI_CACHE.get(((32, 32), (16, 16)), torch.float32, torch.device("meta"))
+    assert PI_CACHE.computed == 1
+    assert all(m.device.type == "meta" and m.shape == c.shape for m, c in zip(meta, cpu, strict=True))
+    assert PI_CACHE.get(((32, 32), (16, 16)), torch.float32, torch.device("meta")) is meta  # cached per device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_matrices_computed_once_across_cpu_and_gpu():
+    clear_caches()
+    w = torch.randn(4, 3, 32, 32)
+    for device in ("cpu", "cuda", "cpu", "cuda"):
+        pi_resize_patch_embed(w.to(device), 16)
+        resize_posemb(torch.randn(1, 7, 7, 8, device=device), 10)
+    assert PI_CACHE.computed == 1 and POSEMB_CACHE.computed == 1
+
+
 @pytest.mark.parametrize("new", [(5, 5), (6, 6), (7, 7), (8, 8), (30, 30), (5, 12), (6, 4)])
 def test_posemb_resize_matches_jax_image_resize(new):
     # Antialiased where a side shrinks (only grids 5 and 6 from 7), plain bilinear where it grows.

@@ -1,0 +1,89 @@
+"""Deployment fast path: a FlexiViT fixed to one patch size, with the resized weights baked in.
+
+A flexible model resizes its patch-embedding kernel (PI-resize, Sec. 3.4) and its position embedding (Sec. 3.3)
+in every forward pass. Once a deployment has chosen its patch size and image size, both resizes always give the
+same result, so :func:`fix_patch_size` computes them once and stores them as the new model's underlying sizes:
+
+>>> fast = fix_patch_size(model, 16, 240)   # kernel 16x16, position grid 15x15
+>>> torch.equal(fast(images), model(images, patch_size=16))   # for 240 px images
+True
+
+At that patch size and image size no resize runs any more (both resize functions return the stored parameter
+itself when the sizes match), so inference costs exactly what a plain ViT with that patch size costs. The result is
+still a :class:`~flexivit.model.FlexiViT` and can be called at other patch sizes, but it then resizes from the
+fixed sizes rather than from the underlying 32x32 kernel and 7x7 grid: keep the flexible model for that.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .model import FlexiViT, PatchSize
+from .pi_resize import Size, to_2tuple
+
+
+def fix_patch_size(model: FlexiViT, patch_size: PatchSize, image_size: int | Sequence[int]) -> FlexiViT:
+    """A copy of ``model`` fixed to ``patch_size`` on ``image_size`` images, with the resized weights stored.
+
+    Args:
+        model: a flexible model (left unchanged).
+        patch_size: the deployment patch size, ``p`` or ``(ph, pw)``; it becomes the default patch size.
+        image_size: the deployment image size, ``s`` or ``(h, w)``; the position embedding is stored for the grid
+            ``image_size // patch_size`` (a border that the patches do not tile is dropped, as in the model).
+
+    The kernel is resized the way the model resizes it (``model.patch_embed.kernel_resize``: PI or bilinear) and
+    the position embedding with the model's own resize, in the parameters' dtype and on their device, so the
+    fixed model gives the flexible model's outputs at that size. Every other parameter, buffer, the head, the
+    training mode and ``requires_grad`` flags are copied as they are. ``kwargs`` is updated, so that
+    :func:`~flexivit.checkpoint.save_model` writes a checkpoint that rebuilds the fixed model.
+    """
+    patch = to_2tuple(patch_size, "patch_size")
+    image = to_2tuple(image_size, "image_size")
+    grid: Size = (image[0] // patch[0], image[1] // patch[1])
+    if min(grid) < 1:
+        raise ValueError(f"patch size {patch} does not fit images of size {image}")
+
+    with torch.no_grad():
+        # clone(): at the model's own sizes a resize returns the parameter itself, which must not be shared.
+        kernel = model.patch_embed.resized_weight(patch).detach().clone()
+        posemb = model.posemb_for_grid(grid).detach().clone()  # (1, gh*gw, D)
+
+    fixed = copy.deepcopy(model)
+    old = fixed.patch_embed.proj
+    proj = nn.Conv2d(
+        old.in_channels,
+        old.out_channels,
+        kernel_size=patch,
+        stride=patch,
+        bias=old.bias is not None,
+        device=kernel.device,
+        dtype=kernel.dtype,
+    )
+    proj.weight = nn.Parameter(kernel, requires_grad=old.weight.requires_grad)
+    if old.bias is not None:
+        proj.bias = old.bias
+    fixed.patch_embed.proj = proj
+    fixed.patch_embed.base_patch_size = patch
+    fixed.pos_embed = nn.Parameter(posemb, requires_grad=model.pos_embed.requires_grad)
+    fixed.posemb_grid = grid
+    fixed.patch_size = patch
+    fixed.kwargs = {
+        **model.kwargs,
+        "base_patch_size": _compact(patch),
+        "posemb_grid": _compact(grid),
+        "patch_size": _compact(patch),
+        "num_classes": model.num_classes,  # reset_classifier may have changed the head since construction
+    }
+    return fixed
+
+
+def _compact(pair: Size) -> int | list[int]:
+    # The notation of the constructor and the registry: an int when square; a list keeps checkpoints JSON-clean.
+    return pair[0] if pair[0] == pair[1] else list(pair)
+
+
+__all__ = ["fix_patch_size"]

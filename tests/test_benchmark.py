@@ -1,0 +1,41 @@
+"""tools/benchmark.py runs end to end on a tiny model and writes its report (the numbers are not asserted)."""
+
+import csv
+
+import pytest
+import torch
+
+from tools import benchmark
+
+
+def test_quick_benchmark_writes_table_csv_and_plot(tmp_path):
+    path = benchmark.main(["--quick", "--out", str(tmp_path)])
+    text = path.read_text()
+    assert path == tmp_path / "benchmarks.md"
+    for heading in ("## Targets", "## Inference: mu on cpu", "## Training step: mu on cpu", "## How to read this"):
+        assert heading in text
+    assert "| patch_size | grid | gflops | ours ms | fixed ms | timm ms |" in text
+    assert "`python -m tools.benchmark --quick --out " in text  # the exact command is recorded
+    with open(tmp_path / "benchmarks.csv") as f:
+        rows = list(csv.DictReader(f))
+    inference = [r for r in rows if r["section"] == "inference"]
+    assert [int(r["patch_size"]) for r in inference] == benchmark.QUICK["patch_sizes"]
+    assert all(float(r["ours/timm"]) > 0 and float(r["gflops"]) > 0 for r in inference)
+    # Same shape, same counted work: the timm baseline is the right comparison.
+    assert all(float(r["gflops"]) == pytest.approx(float(r["timm gflops"]), rel=1e-6) for r in inference)
+    assert (tmp_path / "benchmarks.png").stat().st_size > 0 and (tmp_path / "benchmarks_ratio.png").stat().st_size > 0
+
+
+def test_peak_memory_sees_a_large_allocation():
+    if benchmark.peak_memory_mib(lambda: None, torch.device("cpu")) is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    mib = benchmark.peak_memory_mib(lambda: torch.ones(64 * 2**20 // 4).sum(), torch.device("cpu"))
+    assert 60 < mib < 200
+
+
+def test_compiled_flexible_training_builds_one_graph_per_patch_size(tmp_path):
+    # The eager backend: dynamo captures and counts graphs exactly as with inductor, without code generation.
+    args = benchmark.parse_args(["--quick", "--compile", "--compile-backend", "eager", "--out", str(tmp_path)])
+    _, summary = benchmark.bench_compile("flexivit_mu", args, torch.device("cpu"), batch=2)
+    assert summary["graphs_first_pass"] == summary["sizes"] == len(benchmark.QUICK["compile_patch_sizes"])
+    assert summary["graphs_later"] == 0 and summary["graph_breaks"] == 0
