@@ -3,13 +3,13 @@
 Every key a config may set exists here, so ``--set`` can reject typos (tasks/common/config.py).
 """
 
+from configs.common import engine_config, parse_arg  # noqa: F401  (parse_arg re-exported for the configs)
 from tasks.common.config import Config
 
 
 def base_config() -> Config:
-    return Config(
+    config = Config(
         task="classification",
-        seed=0,
         model=dict(
             name="flexivit_small",
             init=None,  # .npz / timm / our checkpoint / workdir, or an official release name
@@ -19,7 +19,7 @@ def base_config() -> Config:
         data=dict(
             name="fashion_mnist",
             root=None,
-            train_split="train",
+            train_split="train",  # a split, or a contiguous slice of one: "train[:50%]", "train[1000:]"
             val_split="test",
             image_size=240,
             value_range=[-1.0, 1.0],  # big_vision's convention (and its released weights)
@@ -32,41 +32,13 @@ def base_config() -> Config:
             val_examples=None,
             num_workers=0,
         ),
-        # The patch size of each training step: flexivit.build_sampler(kind, sizes, weights, stages).
-        patch_sizes=dict(kind="uniform", sizes=[48, 40, 30, 24, 20, 16, 15, 12, 10, 8]),
-        optim=dict(
-            name="sgd",
-            lr=0.01,
-            weight_decay=0.0,
-            momentum=0.9,
-            betas=[0.9, 0.999],
-            clip_norm=1.0,
-            accum_steps=1,
-            warmup_steps=0,
-            schedule="cosine",
-            end_factor=0.0,
-            lr_mults={},  # {regex on parameter names: learning-rate multiplier}
-            frozen=[],  # regexes of parameters that get no gradient, e.g. ["^(?!head)"] trains the head only
-        ),
-        train=dict(
-            steps=1000,
-            batch_size=512,
-            precision="fp32",  # fp32 | bf16 | fp16 (GPU only)
-            label_smoothing=0.0,
-            mixup=0.0,  # Beta(alpha, alpha) mixing ratio per batch; 0 = off
-            # Consistency across patch sizes while fine-tuning at one size: weight * CE(pred at a random size from
-            # `sizes`, detached pred at the training size). 0 = off. Costs a second forward/backward per step.
-            consistency=dict(weight=0.0, sizes=[]),
-            grad_checkpointing=False,
-            compile=False,
-            log_every=50,
-            ckpt_every=500,
-            keep_ckpts=2,
-        ),
-        eval=dict(every=0, patch_sizes=[48, 40, 30, 24, 20, 16, 15, 12, 10, 8], batch_size=256),
-        # Knowledge distillation (Sec. 3.5): a frozen teacher; loss = CE(student(x, p), softmax(teacher(x))).
-        distill=None,
+        **engine_config(),
     )
+    config.train.update(
+        label_smoothing=0.0,
+        mixup=0.0,  # Beta(alpha, alpha) mixing ratio per batch; 0 = off
+    )
+    return config
 
 
 def distill_config(name=None, init=None, overrides=None, patch_size=None, image_size=None, init_student=True) -> Config:
@@ -113,12 +85,3 @@ def big_vision_distill_config(
     config.distill = teacher
     config.eval.update(every=5000, batch_size=256)
     return config
-
-
-def parse_arg(arg: str | None) -> dict:
-    """``"runlocal,fixed=16"`` -> ``{"runlocal": True, "fixed": "16"}`` (big_vision's config-arg style)."""
-    out = {}
-    for token in filter(None, (arg or "").split(",")):
-        key, sep, value = token.partition("=")
-        out[key] = value if sep else True
-    return out

@@ -3,6 +3,7 @@
 Every key a config may set exists here, so ``--set`` can reject typos (tasks/common/config.py).
 """
 
+from configs.common import engine_config
 from tasks.common.config import Config
 
 # One switch for the paper's four image-text setups (Sec. 4 and 5.2): is the image tower locked, and is the patch
@@ -16,9 +17,8 @@ MODES = {
 
 
 def base_config() -> Config:
-    return Config(
+    config = Config(
         task="contrastive",
-        seed=0,
         model=dict(
             # The image tower: a registered FlexiViT (its classification head is dropped; the pooled feature is used).
             name="flexivit_base",
@@ -54,35 +54,12 @@ def base_config() -> Config:
             # Zero-shot classification on a classification dataset of the engine, or None.
             zeroshot=None,
         ),
-        patch_sizes=dict(kind="uniform", sizes=[48, 40, 30, 24, 20, 16, 15, 12, 10, 8]),
-        optim=dict(
-            name="adamw",
-            lr=1e-3,
-            weight_decay=1e-4,
-            momentum=0.9,
-            betas=[0.9, 0.999],
-            clip_norm=1.0,
-            accum_steps=1,  # note: micro-batches see fewer negatives than the whole batch
-            warmup_steps=500,
-            schedule="cosine",
-            end_factor=0.0,
-            lr_mults={},
-            frozen=[],
-        ),
-        train=dict(
-            steps=10_000,
-            batch_size=1024,
-            precision="fp32",
-            consistency=dict(weight=0.0, sizes=[]),  # classification only; kept for the engine
-            grad_checkpointing=False,
-            compile=False,
-            log_every=50,
-            ckpt_every=1000,
-            keep_ckpts=2,
-        ),
-        eval=dict(every=0, patch_sizes=[48, 40, 30, 24, 20, 16, 15, 12, 10, 8], batch_size=256),
-        distill=None,
+        **engine_config(),
     )
+    config.optim.update(name="adamw", lr=1e-3, weight_decay=1e-4, warmup_steps=500)
+    # Gradient accumulation works, but micro-batches see fewer negatives than the whole batch.
+    config.train.update(steps=10_000, batch_size=1024, ckpt_every=1000)
+    return config
 
 
 def zeroshot_config(name: str, templates: list[str], split: str = "test", root=None, examples=None) -> Config:

@@ -8,15 +8,13 @@ random resize 0.5-2.0 + crop + flip + photometric jitter, sliding-window evaluat
 import tempfile
 from pathlib import Path
 
-from configs.classification.common import parse_arg  # noqa: F401  (re-exported for the dataset configs)
-from flexivit import PAPER_PATCH_SIZES
+from configs.common import engine_config, parse_arg  # noqa: F401  (parse_arg re-exported for the dataset configs)
 from tasks.common.config import Config
 
 
 def base_config() -> Config:
-    return Config(
+    config = Config(
         task="segmentation",
-        seed=0,
         model=dict(
             name="flexivit_base",
             init=None,  # .npz / timm / our checkpoint / workdir, or an official release name
@@ -55,38 +53,18 @@ def base_config() -> Config:
             # scenes at root when root is missing. None: the data must exist.
             generate=None,
         ),
-        # The patch size of each training step: flexivit.build_sampler(kind, sizes, weights, stages).
-        patch_sizes=dict(kind="uniform", sizes=list(PAPER_PATCH_SIZES)),
-        optim=dict(
-            name="sgd",
-            lr=0.001,
-            weight_decay=0.0,
-            momentum=0.9,
-            betas=[0.9, 0.999],
-            clip_norm=None,
-            accum_steps=1,
-            warmup_steps=0,
-            schedule="poly",  # (1 - progress) ** 0.9
-            end_factor=0.01,  # Segmenter's min_lr 1e-5 at lr 1e-3
-            lr_mults={},
-            frozen=[],
-        ),
-        train=dict(
-            steps=160_000,
-            batch_size=8,
-            precision="fp32",  # fp32 | bf16 | fp16 (GPU only)
-            # Consistency across patch sizes while training at one: weight * soft CE(pred at a size from `sizes`,
-            # detached pred at the training size), per labelled pixel. 0 = off.
-            consistency=dict(weight=0.0, sizes=[]),
-            grad_checkpointing=False,
-            compile=False,
-            log_every=50,
-            ckpt_every=5000,
-            keep_ckpts=2,
-        ),
-        eval=dict(every=0, patch_sizes=list(PAPER_PATCH_SIZES), batch_size=8),
-        distill=None,
+        **engine_config(),
     )
+    config.optim.update(
+        lr=0.001,
+        clip_norm=None,
+        schedule="poly",  # (1 - progress) ** 0.9
+        end_factor=0.01,  # Segmenter's min_lr 1e-5 at lr 1e-3
+    )
+    # The consistency term is a soft cross-entropy per labelled pixel here.
+    config.train.update(steps=160_000, batch_size=8, ckpt_every=5000)
+    config.eval.batch_size = 8
+    return config
 
 
 def runlocal_root(kind: str) -> str:
