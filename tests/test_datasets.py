@@ -97,6 +97,44 @@ def test_fashion_mnist_layout_from_tmp_root(idx_root):
     assert ds.classes[9] == "Ankle boot"
 
 
+@pytest.mark.parametrize(
+    "split, expected",
+    [
+        ("train[:3]", [0, 1, 2]),
+        ("train[3:]", [3, 4, 5, 6]),
+        ("train[:50%]", [0, 1, 2, 3]),  # round(3.5) = 4, as Python rounds half to even
+        ("train[50%:]", [4, 5, 6]),
+        ("train[-2:]", [5, 6]),
+        ("train[10%:-10%]", [1, 2, 3, 4, 5]),
+        ("train[5:2]", []),
+    ],
+)
+def test_split_slices(idx_root, split, expected):
+    root, arrays = idx_root
+    images, labels = arrays["train"]
+    ds = D.build_dataset("fashion_mnist", split, root=str(root))
+    assert len(ds) == len(expected) and ds.classes == D.FASHION_MNIST_CLASSES
+    for i, j in enumerate(expected):
+        image, label = ds[i]
+        assert label == labels[j]
+        np.testing.assert_array_equal(np.asarray(image), images[j])
+    assert ds.targets.tolist() == labels[expected].tolist()
+
+
+def test_split_halves_are_disjoint_and_complete(idx_root):
+    root, _ = idx_root
+    first, second = (D.build_dataset("fashion_mnist", s, root=str(root)) for s in ("train[:50%]", "train[50%:]"))
+    assert sorted([*first.indices, *second.indices]) == list(range(7))
+
+
+@pytest.mark.parametrize("split", ["train[:5O%]", "train[1:2:3]", "train[:150%]", "val[:10]"])
+def test_bad_split_slice(idx_root, split):
+    root, _ = idx_root
+    with pytest.raises(ValueError) as info:
+        D.build_dataset("fashion_mnist", split, root=str(root))
+    assert split.split("[")[0] in str(info.value) or split in str(info.value) or "150%" in str(info.value)
+
+
 def test_fashion_mnist_mismatched_files(idx_root):
     root, _ = idx_root
     write_idx(root / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8), compress=False)

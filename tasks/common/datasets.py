@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,10 +70,48 @@ def register_dataset(
 def build_dataset(
     name: str, split: str, root: str | None = None, transform: Transform = None, download: bool = False
 ) -> Dataset:
-    """Build the ``split`` of dataset ``name``; see the module docstring for what items look like."""
+    """Build the ``split`` of dataset ``name``; see the module docstring for what items look like.
+
+    ``split`` may carry a TFDS-style slice, as big_vision configs write them: ``"train[:50%]"``,
+    ``"train[50%:]"``, ``"train[1000:2000]"`` keep that contiguous range of the split, in file order.
+    """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](split, root, transform, download)
+    base, bounds = parse_split(split)
+    dataset = DATASETS[name](base, root, transform, download)
+    if bounds is None:
+        return dataset
+    start, stop = (_slice_bound(b, len(dataset)) for b in bounds)
+    start, stop = start or 0, len(dataset) if stop is None else stop
+    names = list(dataset.classes)
+    return SubsetDataset(dataset, np.arange(start, max(start, stop)), {c: c for c in range(len(names))}, names)
+
+
+_SLICE = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
+
+
+def parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
+    """``"train[10%:50%]"`` -> ``("train", ("10%", "50%"))``; ``"train"`` -> ``("train", None)``."""
+    if "[" not in split:
+        return split, None
+    match = _SLICE.match(split)
+    if not match:
+        raise ValueError(
+            f"cannot read split {split!r}; expected NAME or NAME[START:STOP] with integers or percentages, "
+            "e.g. 'train[:50%]' or 'train[1000:]'"
+        )
+    return match["base"], (match["start"], match["stop"])
+
+
+def _slice_bound(bound: str | None, size: int) -> int | None:
+    if bound is None:
+        return None
+    value = int(bound.rstrip("%"))
+    if bound.endswith("%"):
+        if not -100 <= value <= 100:
+            raise ValueError(f"split bound {bound} is not a percentage between -100% and 100%")
+        value = round(size * value / 100)
+    return min(max(value + size if value < 0 else value, 0), size)
 
 
 def dataset_info(name: str) -> dict[str, Any]:
