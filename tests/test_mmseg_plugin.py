@@ -90,3 +90,75 @@ def test_patch_size_that_does_not_divide_the_input_is_padded():
         out = model.test_step(batch(n=1))[0].seg_logits.data
     assert features.shape[-2:] == (8, 8)  # a quarter of the 32 px window
     assert out.shape == (5, 48, 48) and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST package absent")
+def test_runner_trains_resumes_and_evaluates_on_ade20k_layout(tmp_path, monkeypatch):
+    """Our mmseg config, shrunk, through mmengine's Runner on generated scenes written in the ADE20k layout."""
+    from mmengine.runner import Runner
+
+    from tasks.common import scenes
+
+    # mmengine 0.10.7 resumes with a plain torch.load, which torch >= 2.6 refuses without this (DEVELOPERS.md).
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    root = tmp_path / "scenes"
+    scenes.write_scenes(root, num_train=6, num_val=3, seed=0, spec=scenes.SceneSpec(size=48))
+    crop = (48, 48)
+    config = Config.fromfile(str(CONFIG))
+    config.work_dir = str(tmp_path / "work")
+    config.model.backbone.update(name="flexivit_mu", pretrained=None, train_patch_sizes=[16, 12, 8], test_patch_size=8,
+                                 overrides=dict(depth=1, width=32, num_heads=2))  # fmt: skip
+    config.model.decode_head.update(in_channels=32, channels=32)
+    config.model.data_preprocessor.size = crop
+    config.model.test_cfg = dict(mode="slide", crop_size=crop, stride=(32, 32))
+    train_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations", reduce_zero_label=True),
+        dict(type="RandomResize", scale=(96, 48), ratio_range=(0.75, 1.5), keep_ratio=True),
+        dict(type="RandomCrop", crop_size=crop, cat_max_ratio=0.75),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="PhotoMetricDistortion"),
+        dict(type="PackSegInputs"),
+    ]
+    test_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="Resize", scale=(96, 48), keep_ratio=True),
+        dict(type="LoadAnnotations", reduce_zero_label=True),
+        dict(type="PackSegInputs"),
+    ]
+    config.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False)
+    config.train_dataloader.dataset.update(data_root=str(root), pipeline=train_pipeline)
+    for loader in ("val_dataloader", "test_dataloader"):
+        config[loader].update(num_workers=0, persistent_workers=False)
+        config[loader].dataset.update(data_root=str(root), pipeline=test_pipeline)
+    config.train_cfg = dict(type="IterBasedTrainLoop", max_iters=4, val_interval=4)
+    config.default_hooks.checkpoint.update(interval=2, by_epoch=False)
+    config.default_hooks.logger.update(interval=1)
+    config.param_scheduler = [dict(type="PolyLR", eta_min=1e-4, power=0.9, begin=0, end=4, by_epoch=False)]
+
+    seen = []  # (iteration, patch size) of every training forward
+    current = tasks.mmseg_backbone.FlexiViTBackbone.current_patch_size
+
+    def recording(self):
+        size = current(self)
+        if self.training:
+            seen.append((MessageHub.get_current_instance().get_info("iter"), size[0]))
+        return size
+
+    monkeypatch.setattr(tasks.mmseg_backbone.FlexiViTBackbone, "current_patch_size", recording)
+    sampler = flexivit.UniformSampler([16, 12, 8], seed=0)
+    runner = Runner.from_cfg(config.copy())
+    runner.train()
+    assert runner.iter == 4
+    assert seen == [(i, sampler(i)) for i in range(4)]
+    metrics = runner.val_loop.run()
+    assert {"mIoU", "aAcc", "mAcc"} <= set(metrics) and 0 <= metrics["mIoU"] <= 100
+
+    # Resume from the iteration-2 checkpoint and train on to 4: the Runner restores iter, so the patch-size sequence
+    # (a function of the iteration) continues where it was.
+    config.resume, config.load_from = True, str(tmp_path / "work" / "iter_2.pth")
+    seen.clear()
+    resumed = Runner.from_cfg(config.copy())
+    resumed.train()
+    assert resumed.iter == 4
+    assert seen == [(i, sampler(i)) for i in (2, 3)]
