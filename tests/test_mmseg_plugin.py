@@ -21,6 +21,7 @@ import tasks.mmseg_backbone  # noqa: E402, F401  (registers FlexiViTBackbone)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/mmseg/segmenter_linear_flexivit-s_8xb1-160k_ade20k-512x512.py"
+SCENES_CONFIG = ROOT / "configs/mmseg/segmenter_linear_flexivit-mu_1xb16-1k_scenes-96x96.py"
 register_all_modules()
 
 
@@ -93,8 +94,8 @@ def test_patch_size_that_does_not_divide_the_input_is_padded():
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST package absent")
-def test_runner_trains_resumes_and_evaluates_on_ade20k_layout(tmp_path, monkeypatch):
-    """Our mmseg config, shrunk, through mmengine's Runner on generated scenes written in the ADE20k layout."""
+def test_scenes_config_trains_resumes_and_evaluates_with_the_runner(tmp_path, monkeypatch):
+    """configs/mmseg's scenes config (a tiny backbone) through mmengine's Runner on generated ADE20k-layout scenes."""
     from mmengine.runner import Runner
 
     from tasks.common import scenes
@@ -102,37 +103,18 @@ def test_runner_trains_resumes_and_evaluates_on_ade20k_layout(tmp_path, monkeypa
     # mmengine 0.10.7 resumes with a plain torch.load, which torch >= 2.6 refuses without this (DEVELOPERS.md).
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     root = tmp_path / "scenes"
-    scenes.write_scenes(root, num_train=6, num_val=3, seed=0, spec=scenes.SceneSpec(size=48))
-    crop = (48, 48)
-    config = Config.fromfile(str(CONFIG))
+    scenes.write_scenes(root, num_train=6, num_val=3, seed=0, spec=scenes.SceneSpec(size=96))
+    config = Config.fromfile(str(SCENES_CONFIG))
+    assert len(config.metainfo.classes) == config.model.decode_head.num_classes == 12
     config.work_dir = str(tmp_path / "work")
-    config.model.backbone.update(name="flexivit_mu", pretrained=None, train_patch_sizes=[16, 12, 8], test_patch_size=8,
-                                 overrides=dict(depth=1, width=32, num_heads=2))  # fmt: skip
+    tiny = dict(depth=1, width=32, num_heads=2, base_patch_size=16, posemb_grid=7)
+    config.model.backbone.update(pretrained=None, train_patch_sizes=[16, 12, 8], overrides=tiny)
     config.model.decode_head.update(in_channels=32, channels=32)
-    config.model.data_preprocessor.size = crop
-    config.model.test_cfg = dict(mode="slide", crop_size=crop, stride=(32, 32))
-    train_pipeline = [
-        dict(type="LoadImageFromFile"),
-        dict(type="LoadAnnotations", reduce_zero_label=True),
-        dict(type="RandomResize", scale=(96, 48), ratio_range=(0.75, 1.5), keep_ratio=True),
-        dict(type="RandomCrop", crop_size=crop, cat_max_ratio=0.75),
-        dict(type="RandomFlip", prob=0.5),
-        dict(type="PhotoMetricDistortion"),
-        dict(type="PackSegInputs"),
-    ]
-    test_pipeline = [
-        dict(type="LoadImageFromFile"),
-        dict(type="Resize", scale=(96, 48), keep_ratio=True),
-        dict(type="LoadAnnotations", reduce_zero_label=True),
-        dict(type="PackSegInputs"),
-    ]
-    config.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False)
-    config.train_dataloader.dataset.update(data_root=str(root), pipeline=train_pipeline)
-    for loader in ("val_dataloader", "test_dataloader"):
-        config[loader].update(num_workers=0, persistent_workers=False)
-        config[loader].dataset.update(data_root=str(root), pipeline=test_pipeline)
+    config.train_dataloader.update(batch_size=2)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        config[loader].dataset.data_root = str(root)
     config.train_cfg = dict(type="IterBasedTrainLoop", max_iters=4, val_interval=4)
-    config.default_hooks.checkpoint.update(interval=2, by_epoch=False)
+    config.default_hooks.checkpoint.update(interval=2)
     config.default_hooks.logger.update(interval=1)
     config.param_scheduler = [dict(type="PolyLR", eta_min=1e-4, power=0.9, begin=0, end=4, by_epoch=False)]
 
@@ -162,3 +144,18 @@ def test_runner_trains_resumes_and_evaluates_on_ade20k_layout(tmp_path, monkeypa
     resumed.train()
     assert resumed.iter == 4
     assert seen == [(i, sampler(i)) for i in (2, 3)]
+
+
+def test_backbone_loads_a_training_workdir_flexified(tmp_path):
+    # A tools.train workdir with a FlexiViT of another kernel size: loaded from its last checkpoint, kernel PI-resized.
+    source = flexivit.create_model("flexivit_mu", depth=1, width=32, num_heads=2, base_patch_size=8, posemb_grid=6)
+    (tmp_path / "checkpoints").mkdir()
+    flexivit.save_model(source, tmp_path / "checkpoints" / "ckpt_00000010.pt")
+    backbone = tasks.mmseg_backbone.FlexiViTBackbone(
+        name="flexivit_mu",
+        pretrained=str(tmp_path),
+        overrides=dict(depth=1, width=32, num_heads=2, base_patch_size=16, posemb_grid=7),
+    )
+    expected = flexivit.pi_resize_patch_embed(source.patch_embed.proj.weight.detach(), (16, 16))
+    torch.testing.assert_close(backbone.vit.patch_embed.proj.weight, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(backbone.vit.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
