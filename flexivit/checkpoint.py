@@ -358,6 +358,11 @@ def load_model(path: str | Path, **overrides) -> FlexiViT:
     sd, meta = read_checkpoint(path)
     if "model_kwargs" not in meta:
         raise CheckpointError(f"{path} has no model_kwargs: load it with create_model(name, pretrained=path)")
+    if "backbone" in meta["model_kwargs"]:  # a task model (backbone + head) saved by the training engine
+        raise CheckpointError(
+            f"{path} holds a task model (a backbone inside, model_kwargs {sorted(meta['model_kwargs'])}): rebuild it "
+            "with its task's loader, e.g. tasks.segmentation.load_model(path)"
+        )
     model = FlexiViT(**{**meta["model_kwargs"], **overrides})
     load_state_dict(model, flexify_state_dict(sd, model), source=str(path))
     return model

@@ -287,6 +287,33 @@ def test_checkpoint_kwargs_are_json_serialisable():
     json.dumps(tiny_segmenter().kwargs)
 
 
+def test_load_model_rebuilds_a_training_checkpoint_from_the_file_alone(tmp_path):
+    from tasks.common.config import Config
+    from tasks.common.train_state import save_train_state
+
+    model = tiny_segmenter(mode="slide", crop=(24, 16), stride=12, flip=True, scales=(1.0, 1.5)).eval()
+    with torch.no_grad():  # weights no fresh model has, so that equal outputs prove the loading
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    save_train_state(tmp_path, 3, model, optimizer, scheduler, scaler, Config(seed=0))
+    loaded = segmentation.load_model(tmp_path)  # a workdir: its last checkpoint
+    assert loaded.inference == model.inference and loaded.num_classes == model.num_classes
+    images = torch.randn(2, 3, 40, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, patch_size=8), model(images, patch_size=8), rtol=0, atol=0)
+    # flexivit.load_model names the loader to use instead of failing on the nested arguments.
+    checkpoint = next((tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    with pytest.raises(flexivit.CheckpointError, match="tasks.segmentation.load_model"):
+        flexivit.load_model(checkpoint)
+    plain = tmp_path / "plain.pt"
+    flexivit.save_model(model.backbone, plain)
+    with pytest.raises(flexivit.CheckpointError, match="not a segmentation checkpoint"):
+        segmentation.load_model(plain)
+
+
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST (dataset-fashion-mnist) not installed"
 )

@@ -43,6 +43,7 @@ __all__ = [
     "confusion_matrices",
     "evaluate",
     "image_forward",
+    "load_model",
     "pad_to_multiple",
     "predict",
     "segmentation_metrics",
@@ -114,6 +115,28 @@ def build_model(model_cfg, classes: Sequence[str]) -> Segmenter:
         dropout=model_cfg.decoder_dropout,
         inference=InferenceSettings(**inference),
     )
+
+
+def load_model(path: str | Path) -> Segmenter:
+    """Rebuild a :class:`Segmenter` from a checkpoint the engine wrote (a file or a workdir), from the file alone."""
+    path = resolve_checkpoint(path)
+    state, meta = flexivit.read_checkpoint(path)
+    kwargs = meta.get("model_kwargs") or {}
+    if "backbone" not in kwargs:
+        raise flexivit.CheckpointError(
+            f"{path} is not a segmentation checkpoint (its model_kwargs have no 'backbone'); "
+            "load a plain FlexiViT with flexivit.load_model"
+        )
+    # JSON gives lists back where the settings held tuples.
+    inference = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs.get("inference") or {}).items()}
+    model = Segmenter(
+        backbone=flexivit.FlexiViT(**kwargs["backbone"]),
+        num_classes=kwargs["num_classes"],
+        dropout=kwargs.get("dropout", 0.0),
+        inference=InferenceSettings(**inference),
+    )
+    model.load_state_dict(state)
+    return model
 
 
 def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> torch.Tensor:
