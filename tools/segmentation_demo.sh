@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Semantic segmentation on the embedded default (docs/segmentation.md): FlexiViT-mu from the classification main job,
-# transferred with Segmenter's linear decoder to scenes made of real Fashion-MNIST items, twice:
+# transferred with Segmenter's linear decoder to scenes made of real Fashion-MNIST items, three ways:
 #   flexified      a random patch size from {16, 12, 8, 6, 4} per step
 #   fast transfer  fixed at the largest patch size, 16 (the cheapest), then evaluated at all sizes (paper Fig. 8)
-# and both evaluated at every patch size (mIoU, GFLOPs, img/s: runs/segmentation_eval/sweep.{csv,md,png}).
-#   bash tools/segmentation_demo.sh          (about 20 minutes on 2 CPU cores; interrupted runs resume)
+#   fast transfer + consistency   the same, with predictions at a random other size pulled towards those at 16
+# all evaluated at every patch size (mIoU, GFLOPs, img/s: runs/segmentation_eval/sweep.{csv,md,png}).
+#   bash tools/segmentation_demo.sh          (about 25 minutes on 2 CPU cores; interrupted runs resume)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -21,8 +22,10 @@ fi
 
 $py -m tools.train --config configs/segmentation/scenes.py --workdir runs/seg_scenes_flexi --resume
 $py -m tools.train --config configs/segmentation/scenes.py:fixed=16 --workdir runs/seg_scenes_p16 --resume
-$py -m tools.eval --workdir runs/seg_scenes_flexi runs/seg_scenes_p16 --names flexified fast-transfer-p16 \
-  --out runs/segmentation_eval
+$py -m tools.train --config configs/segmentation/scenes.py:fixed=16 --workdir runs/seg_scenes_p16_cons --resume \
+  --set "train.consistency.weight=1.0" "train.consistency.sizes=[12, 8, 6, 4]"
+$py -m tools.eval --workdir runs/seg_scenes_flexi runs/seg_scenes_p16 runs/seg_scenes_p16_cons \
+  --names flexified fast-transfer-p16 fast-transfer-p16+consistency --out runs/segmentation_eval
 # mIoU against cost (tools.eval plots the first metric column it finds; this plots mIoU explicitly).
 $py - <<'PY'
 import csv
