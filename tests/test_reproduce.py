@@ -16,9 +16,8 @@ needs_fashion = pytest.mark.skipif(
 @needs_fashion
 def test_reproduce_smoke(tmp_path):
     out = tmp_path / "docs"
-    reproduce.main(
-        ["--steps-scale", "0.002", "--val-examples", "40", "--workdir", str(tmp_path / "runs"), "--out", str(out)]
-    )
+    args = ["--steps-scale", "0.002", "--val-examples", "40", "--workdir", str(tmp_path / "runs"), "--out", str(out)]
+    reproduce.main(args)
     text = (out / "reproduction.md").read_text()
     for figure in ("fig3", "fig8", "fig8_cross", "fig4"):
         assert (out / f"reproduction_{figure}.png").stat().st_size > 1000
@@ -30,9 +29,7 @@ def test_reproduce_smoke(tmp_path):
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.pt")}
     before.update({p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("reproduce_sweep.json")})
     assert len(before) == 2 * 14
-    reproduce.main(
-        ["--steps-scale", "0.002", "--val-examples", "40", "--workdir", str(tmp_path / "runs"), "--out", str(out)]
-    )
+    reproduce.main(args)
     after = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.pt")}
     after.update({p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("reproduce_sweep.json")})
     assert after == before

@@ -54,6 +54,7 @@ HEAD_ONLY = ["optim.frozen=['^(?!head\\\\.)']", "optim.lr=0.003", "optim.weight_
 # Full fine-tuning at one patch size, as in the paper's Fig. 8 (a lower learning rate than pretraining).
 FINE_TUNE = ["optim.lr=0.0001"]
 FINE_TUNE_MNIST = ["optim.lr=0.0005"]
+AT16 = ["patch_sizes.kind='fixed'", "patch_sizes.sizes=[16]"]  # transfer at the largest (cheapest) patch size only
 
 
 class Runner:
@@ -99,18 +100,19 @@ class Runner:
         timing_file.write_text(json.dumps({"seconds": self.timings[name]}))
         return workdir
 
-    def sweep(self, label: str, workdir: Path, **extra) -> list[dict]:
+    def sweep(self, label: str, workdir: Path) -> list[dict]:
         """Accuracy and GFLOPs at every evaluated size; kept in the workdir, so a rerun only rewrites the report."""
         checkpoint = latest_checkpoint(workdir)
         cache = workdir / "reproduce_sweep.json"
         key = {"checkpoint": checkpoint.name, "sizes": EVAL_SIZES, "val_examples": self.val_examples}
-        if cache.exists() and json.loads(cache.read_text())["key"] == key:
-            rows = json.loads(cache.read_text())["rows"]
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        if cached.get("key") == key:
+            rows = cached["rows"]
         else:
             config = Config(json.loads((workdir / "config.json").read_text()))
             rows = eval_tool.sweep(label, config, checkpoint, EVAL_SIZES, torch.device("cpu"), timing=False)
             atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "rows": rows})))
-        return [{**row, "model": label, **extra} for row in rows]
+        return [{**row, "model": label} for row in rows]
 
 
 def scaled_resize_eval(workdir: Path, scales=(0.5, 0.75, 1.0, 1.5, 2.0)) -> list[dict]:
@@ -169,8 +171,7 @@ def main(argv=None) -> None:
 
     # ---------------------------------------------------------------------------------- 2a. Fig. 8 in-domain
     consistency = ["train.consistency.weight=1.0", f"train.consistency.sizes={SIZES[1:]}"]
-    at16 = ["patch_sizes.kind='fixed'", "patch_sizes.sizes=[16]"]
-    transfer = [TRANSFER, "model.new_head=True", *at16]
+    transfer = [TRANSFER, "model.new_head=True", *AT16]
     in_domain = []
     for label, name, source, extra in [
         ("FlexiViT, head at p16", "transfer_flexivit_head", flexi, HEAD_ONLY),
@@ -195,17 +196,17 @@ def main(argv=None) -> None:
     mnist = ["data.name='mnist5k'", "data.hflip=False", "model.new_head=True", f"model.init='{distilled}'"]
     cross = []
     for label, name, extra in [
-        ("FlexiViT distilled, fine-tuned at p16", "mnist_distilled_p16", at16 + FINE_TUNE_MNIST),
+        ("FlexiViT distilled, fine-tuned at p16", "mnist_distilled_p16", AT16 + FINE_TUNE_MNIST),
         (
             "FlexiViT distilled, fine-tuned at p16 + consistency",
             "mnist_distilled_p16_cons",
-            at16 + FINE_TUNE_MNIST + consistency,
+            AT16 + FINE_TUNE_MNIST + consistency,
         ),
         ("FlexiViT distilled, flexified transfer (random sizes)", "mnist_distilled_flexi", FINE_TUNE_MNIST),
     ]:
         cross += run.sweep("MNIST: " + label, run.train(name, FMNIST, 300, *mnist, *extra))
     vit_mnist = run.train(
-        "mnist_vit_p16", f"{FMNIST}:fixed=16", 300, *mnist[:3], f"model.init='{vit16}'", *at16, *FINE_TUNE_MNIST
+        "mnist_vit_p16", f"{FMNIST}:fixed=16", 300, *mnist[:3], f"model.init='{vit16}'", *AT16, *FINE_TUNE_MNIST
     )
     cross += run.sweep("MNIST: ViT-p16, fine-tuned at p16", vit_mnist)
 
@@ -221,11 +222,10 @@ def main(argv=None) -> None:
 
 def unseen_classes(run: Runner, consistency: list[str]) -> list[dict]:
     """The harder in-domain variant (``--unseen-classes``): pretrain on classes 0-4, a new head for classes 5-9."""
-    old, new = f"data.classes={OLD}", [f"data.classes={NEW}", "model.new_head=True", "patch_sizes.kind='fixed'"]
+    old, new = f"data.classes={OLD}", [f"data.classes={NEW}", "model.new_head=True", *AT16]
     teacher = run.train("old_vit_p8", f"{FMNIST}:fixed=8", 800, old)
     distilled = run.train("old_flexivit_distilled", f"{DISTILL}:teacher={teacher}", 800, old)
     fixed16 = run.train("old_vit_p16", f"{FMNIST}:fixed=16", 800, old)
-    new += ["patch_sizes.sizes=[16]"]
     rows = []
     for label, name, source, config, extra in [
         ("unseen classes: FlexiViT distilled, head at p16", "new_distilled_head", distilled, FMNIST, []),
