@@ -83,8 +83,7 @@ def build_dataset(
         return dataset
     start, stop = (_slice_bound(b, len(dataset)) for b in bounds)
     start, stop = start or 0, len(dataset) if stop is None else stop
-    names = list(dataset.classes)
-    return SubsetDataset(dataset, np.arange(start, max(start, stop)), {c: c for c in range(len(names))}, names)
+    return _same_labels_subset(dataset, np.arange(start, max(start, stop)))
 
 
 _SLICE = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
@@ -441,6 +440,12 @@ class SubsetDataset(Dataset):
         return image, self.label_map[int(label)]
 
 
+def _same_labels_subset(dataset: Dataset, indices: np.ndarray) -> SubsetDataset:
+    """Items ``indices`` of ``dataset`` with their labels and class names unchanged."""
+    names = list(dataset.classes)
+    return SubsetDataset(dataset, indices, {c: c for c in range(len(names))}, names)
+
+
 def class_subset(dataset: Dataset, classes: Sequence[int], relabel: bool = True) -> SubsetDataset:
     """Only the items whose label is in ``classes``.
 
@@ -459,7 +464,7 @@ def class_subset(dataset: Dataset, classes: Sequence[int], relabel: bool = True)
     if relabel:
         relabelled = {c: i for i, c in enumerate(classes)}
         return SubsetDataset(dataset, indices, relabelled, [names[c] for c in classes])
-    return SubsetDataset(dataset, indices, {c: c for c in range(len(names))}, names)
+    return _same_labels_subset(dataset, indices)
 
 
 def take(dataset: Dataset, n: int, seed: int = 0) -> SubsetDataset:
@@ -467,5 +472,4 @@ def take(dataset: Dataset, n: int, seed: int = 0) -> SubsetDataset:
     if not 0 <= n <= len(dataset):
         raise ValueError(f"cannot take {n} items from a dataset of {len(dataset)}")
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
-    names = list(dataset.classes)
-    return SubsetDataset(dataset, indices, {c: c for c in range(len(names))}, names)
+    return _same_labels_subset(dataset, indices)
