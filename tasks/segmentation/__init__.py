@@ -98,6 +98,11 @@ def build_datasets(data) -> tuple:
     return train, JointTransform(train_tf), val, classes
 
 
+def _inference_settings(settings: dict | None) -> InferenceSettings:
+    """Settings from a config or a checkpoint, where JSON gives lists back for the tuples."""
+    return InferenceSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in (settings or {}).items()})
+
+
 def build_model(model_cfg, classes: Sequence[str]) -> Segmenter:
     """A FlexiViT backbone (``model_cfg.init`` loads weights: a release, a file or a workdir) + a linear decoder.
 
@@ -106,14 +111,11 @@ def build_model(model_cfg, classes: Sequence[str]) -> Segmenter:
     overrides = {**(model_cfg.overrides or {}), "num_classes": 0}
     init = resolve_checkpoint(model_cfg.init) if model_cfg.init else None
     backbone = flexivit.create_model(model_cfg.name, pretrained=init, **overrides)
-    inference = dict(model_cfg.inference or {})
-    if "scales" in inference:
-        inference["scales"] = tuple(inference["scales"])
     return Segmenter(
         backbone=backbone,
         num_classes=len(classes),
         dropout=model_cfg.decoder_dropout,
-        inference=InferenceSettings(**inference),
+        inference=_inference_settings(model_cfg.inference),
     )
 
 
@@ -127,13 +129,11 @@ def load_model(path: str | Path) -> Segmenter:
             f"{path} is not a segmentation checkpoint (its model_kwargs have no 'backbone'); "
             "load a plain FlexiViT with flexivit.load_model"
         )
-    # JSON gives lists back where the settings held tuples.
-    inference = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs.get("inference") or {}).items()}
     model = Segmenter(
         backbone=flexivit.FlexiViT(**kwargs["backbone"]),
         num_classes=kwargs["num_classes"],
         dropout=kwargs.get("dropout", 0.0),
-        inference=InferenceSettings(**inference),
+        inference=_inference_settings(kwargs.get("inference")),
     )
     model.load_state_dict(state)
     return model
