@@ -14,7 +14,7 @@ Recipe (REFERENCE.md §9, mmseg segmenter_vit-s 512x512 160k / Segmenter): crop 
 (2048, 512) by 0.5-2.0, sliding window 512 / stride 512. Reference: Segmenter-Linear ViT-S/16 45.75 mIoU (mmseg).
 """
 
-from configs.segmentation.common import base_config, make_runlocal, parse_arg
+from configs.segmentation.common import apply_common_args, base_config, parse_arg
 
 
 def get_config(arg=None):
@@ -24,8 +24,4 @@ def get_config(arg=None):
     crop = int(args.get("crop", 512))
     config.data.update(name="ade20k", image_size=crop, train_split="training", val_split="validation")
     config.model.inference.update(crop=crop, stride=crop)
-    if "fixed" in args:
-        config.patch_sizes = dict(kind="fixed", sizes=[int(args["fixed"])])
-    if args.get("runlocal"):
-        make_runlocal(config, "ade20k")
-    return config
+    return apply_common_args(config, args, "ade20k")

@@ -15,7 +15,7 @@ with momentum 0.9, no weight decay, poly 0.9, random resize of (2048, 1024) by 0
 2048x1024 with a sliding window of 768 / stride 512. 768 is tiled by 48, 24, 16, 12 and 8; other sizes are padded.
 """
 
-from configs.segmentation.common import base_config, make_runlocal, parse_arg
+from configs.segmentation.common import apply_common_args, base_config, parse_arg
 
 
 def get_config(arg=None):
@@ -33,8 +33,4 @@ def get_config(arg=None):
     )
     config.optim.update(lr=0.01)
     config.train.update(steps=80_000, ckpt_every=4000)
-    if "fixed" in args:
-        config.patch_sizes = dict(kind="fixed", sizes=[int(args["fixed"])])
-    if args.get("runlocal"):
-        make_runlocal(config, "cityscapes")
-    return config
+    return apply_common_args(config, args, "cityscapes")

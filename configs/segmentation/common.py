@@ -67,6 +67,16 @@ def base_config() -> Config:
     return config
 
 
+def apply_common_args(config: Config, args: dict, kind: str) -> Config:
+    """The arguments every segmentation config takes: ``fixed=P`` (one patch size) and ``runlocal`` (``kind`` is the
+    layout its generated scenes are written in)."""
+    if "fixed" in args:
+        config.patch_sizes = dict(kind="fixed", sizes=[int(args["fixed"])])
+    if args.get("runlocal"):
+        make_runlocal(config, kind)
+    return config
+
+
 def runlocal_root(kind: str) -> str:
     """A cached folder of a few generated scenes for CPU smoke runs (written on first use)."""
     return str(Path(tempfile.gettempdir()) / "flexivit-scenes" / f"runlocal-{kind}-v1")

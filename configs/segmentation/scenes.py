@@ -27,7 +27,7 @@ Measured (one seed, 2 CPU cores, docs/segmentation.md): mIoU at 16 / 12 / 8 / 6 
 .214 / .217 (7 min); fixed at 16 .217 / .227 / .209 / .139 / .102 (3 min).
 """
 
-from configs.segmentation.common import base_config, make_runlocal, parse_arg
+from configs.segmentation.common import apply_common_args, base_config, parse_arg
 
 PATCH_SIZES = [16, 12, 8, 6, 4]
 
@@ -57,8 +57,4 @@ def get_config(arg=None):
     config.optim.update(name="adamw", lr=1e-3, warmup_steps=50, end_factor=0.0)
     config.train.update(steps=1000, batch_size=16, log_every=25, ckpt_every=250)
     config.eval.update(patch_sizes=[16, 12, 10, 8, 6, 4], batch_size=50, every=0)
-    if "fixed" in args:
-        config.patch_sizes = dict(kind="fixed", sizes=[int(args["fixed"])])
-    if args.get("runlocal"):
-        make_runlocal(config, "ade20k")
-    return config
+    return apply_common_args(config, args, "ade20k")
