@@ -109,6 +109,13 @@ def _timed_s(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _rotated(keys, r: int) -> list:
+    """The contenders of repeat ``r``, first one rotated by ``r``: timed alternately, and each going first in turn,
+    they all meet the same drifts of the machine (clock, other load)."""
+    keys = list(keys)
+    return keys[r % len(keys) :] + keys[: r % len(keys)]
+
+
 def _autocast(device: torch.device):
     # GPU runs use bf16 autocast; CPU runs are plain fp32 (the targets are stated for fp32 on CPU).
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -222,9 +229,7 @@ def bench_inference(ours, name: str, args, device: torch.device, batch: int, pea
                 measure_throughput(call, x, warmup=args.warmup, repeats=1)
             times = {key: [] for key in calls}
             for r in range(args.repeats):
-                # Alternate, and rotate who goes first, so that drifts of the machine (clock, other load) hit all.
-                keys = list(calls)[r % 3 :] + list(calls)[: r % 3]
-                for key in keys:
+                for key in _rotated(calls, r):
                     times[key].append(measure_throughput(calls[key], x, warmup=0, repeats=1)["latency_ms"])
             with torch.inference_mode():
                 memory = {key: peak_memory_mib(lambda c=calls[key]: c(x), device) for key in ("ours", "timm")}
@@ -327,8 +332,7 @@ def bench_training(ours, name: str, args, device: torch.device, batch: int) -> l
                 step()
         times = {key: [] for key in steps}
         for r in range(args.repeats):
-            keys = list(steps)[r % 3 :] + list(steps)[: r % 3]
-            for key in keys:
+            for key in _rotated(steps, r):
                 if key == "flex":
                     switch()
                 times[key].append(1e3 * _timed_s(steps[key], device))

@@ -134,12 +134,10 @@ def main(argv=None) -> list[dict]:
             timing_batch=args.timing_batch,
             timing=not args.no_timing,
         )
-    fixed = ("model", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms")
-    metric = "accuracy" if "accuracy" in rows[0] else next(k for k in rows[0] if k not in fixed)
+    descriptive = ("model", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms")  # not metrics
+    metric = "accuracy" if "accuracy" in rows[0] else next(k for k in rows[0] if k not in descriptive)
     percent = [k for k in ("accuracy", "top5") if k in rows[0]]
-    columns = [
-        c for c in ("model", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms") if c in rows[0]
-    ]
+    columns = [c for c in descriptive if c in rows[0]]
     columns += [k for k in rows[0] if k not in columns]
     notes = [
         f"device: {device_description(device)}; img/s and latency at batch {args.timing_batch}, median of 5",
