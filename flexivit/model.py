@@ -108,11 +108,18 @@ class Block(nn.Module):
         return self._forward_no_grad(x)
 
     def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
-        # Add the residual into the branch output (a fresh tensor that nothing else holds) instead of allocating a
-        # third (B, N, D) tensor. Bitwise the same: floating-point addition commutes. ``x`` itself is never
-        # written: the caller may keep it (``return_blocks``).
-        x = self.attn(self.norm1(x)).add_(x)
-        return self.mlp(self.norm2(x)).add_(x)
+        x = _add_residual(x, self.attn(self.norm1(x)))
+        return _add_residual(x, self.mlp(self.norm2(x)))
+
+
+def _add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch`` without autograd, in ``x``'s dtype (the residual stream stays float32 under autocast).
+
+    When the dtypes agree the residual is added into the branch output (a fresh tensor that nothing else holds)
+    instead of allocating a third (B, N, D) tensor; bitwise the same, floating-point addition commutes. ``x`` itself
+    is never written: the caller may keep it (``return_blocks``).
+    """
+    return branch.add_(x) if branch.dtype == x.dtype else x + branch
 
 
 class FlexiPatchEmbed(nn.Module):
@@ -316,11 +323,14 @@ class FlexiViT(nn.Module):
         patch = self.resolve_patch_size(images.shape[-2:], patch_size, grid)
         x = self.patch_embed(images, patch)  # (B, D, gh, gw)
         grid_hw = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        # The residual stream is kept in the parameters' dtype: under autocast the patch-embedding GEMM returns
+        # bf16 / fp16, but the 2 * depth residual additions accumulate in float32, as in timm (only the matmuls
+        # inside the blocks run in low precision; the blocks add their branch outputs back in float32).
+        x = x.flatten(2).transpose(1, 2).to(self.pos_embed.dtype)  # (B, N, D)
         # The position embedding is added before the class token is prepended: the class token has none.
-        x = x + self.posemb_for_grid(grid_hw).to(x.dtype)
+        x = x + self.posemb_for_grid(grid_hw)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
         wanted = self._block_indices(return_blocks)
         blocks = []

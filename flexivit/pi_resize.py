@@ -68,10 +68,14 @@ class _MatrixCache:
     def get(self, key: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cast_key = (key, dtype, device)
         if cast_key not in self._cast:
-            if key not in self._exact:
-                self._exact[key] = self._build(*key)
-                self.computed += 1
-            self._cast[cast_key] = tuple(m.to(dtype=dtype, device=device) for m in self._exact[key])
+            # Built as ordinary tensors even when the first call comes under torch.inference_mode() (an evaluation
+            # in Lightning / Hugging Face): an inference tensor in the cache could not be saved for backward by a
+            # later training step at the same size.
+            with torch.inference_mode(False):
+                if key not in self._exact:
+                    self._exact[key] = self._build(*key)
+                    self.computed += 1
+                self._cast[cast_key] = tuple(m.to(dtype=dtype, device=device) for m in self._exact[key])
         return self._cast[cast_key]
 
     def clear(self) -> None:
