@@ -1,9 +1,13 @@
 """Loading and saving weights: big_vision ``.npz``, timm state dicts, and this project's own checkpoints.
 
 Every reader is safe: ``np.load(allow_pickle=False)``, safetensors, ``torch.load(weights_only=True)``; a file
-that needs pickled code to load is refused. Weights of any patch size are "flexified" on the way in: the
-kernel is PI-resized and the position embedding resized to the model's underlying sizes (paper Sec. 3.5).
-Keys that are missing, unexpected or wrongly shaped raise an error that lists them.
+that needs pickled code to load is refused, and a damaged or foreign file is an error naming it.
+
+Loading is lossless by default: :func:`flexivit.create_model` takes the checkpoint's own kernel size and position
+grid (:func:`stored_sizes`) as the model's underlying sizes, so at the checkpoint's patch size the model computes what
+the checkpoint's model computed, and it still runs at every other patch size (resizing on the fly, Sec. 3.4). Fitting
+the weights onto other underlying sizes (the 32x32 / 7x7 of the distillation init, Sec. 3.5) is explicit and warns:
+:func:`flexify_state_dict`. Keys that are missing, unexpected or wrongly shaped raise an error that lists them.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import pickle
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .model import FlexiViT
-from .pi_resize import pi_resize_patch_embed, resize_posemb
+from .pi_resize import pi_resize_patch_embed, resize_posemb, to_2tuple
 
 # Official big_vision releases (paper Sec. 3, Table 1; REFERENCE.md §4). Underlying sizes: 32x32 kernel, 7x7 posemb;
 # inputs are 240 px in [-1, 1].
@@ -90,19 +96,47 @@ def _download(url: str, path: Path) -> None:
     os.replace(tmp.name, path)  # atomic: a broken download never leaves a truncated file under the real name
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file there."""
+    """Call ``write(tmp_path)``, then make it durable and rename it onto ``path``.
+
+    A crash (or a power cut) at any moment leaves either the old file or the complete new one at ``path``, never a
+    truncated one: the temporary file is fsynced before the rename and the folder after it, so once this returns
+    the new file survives a crash and older files may be deleted. The file gets ordinary permissions (0666 minus
+    the umask, like ``open``), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync(path.parent, directory=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file (a config, a results file) with :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ---------------------------------------------------------------------------------------------- big_vision .npz
@@ -115,11 +149,15 @@ def _bf16_to_float32(raw: np.ndarray) -> np.ndarray:
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Flat ``{name: float32 array}`` of a big_vision checkpoint, without its ``params/`` / ``opt/target/`` prefix."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a big_vision checkpoint: expected an .npz (zip) archive of arrays")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except ValueError as e:  # numpy raises ValueError for object arrays when pickles are not allowed
         raise CheckpointError(f"{path}: refusing to load pickled objects ({e})") from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: the .npz archive is damaged or truncated ({e})") from e
     for prefix in ("opt/target/", "params/"):
         if any(k.startswith(prefix) for k in arrays):
             arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
@@ -207,14 +245,31 @@ def convert_big_vision(params: dict[str, np.ndarray], source: str = "checkpoint"
 # ---------------------------------------------------------------------------------------------- torch files
 
 
-def _torch_load(path: Path) -> dict:
+def torch_load(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU, with every failure a :class:`CheckpointError` naming the file.
+
+    A file that needs a full unpickler is refused (it could run arbitrary code); a truncated, damaged or foreign file
+    (a text file, half a download) says so instead of surfacing the unpickler's ``IndexError`` / zip error.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as e:
+        first = next((line for line in str(e).splitlines() if "Unsupported" in line), type(e).__name__)
         raise CheckpointError(
-            f"{path}: refusing to unpickle it: it holds objects that only a full unpickler would build, which can run "
-            f"arbitrary code. Re-save it as a plain state dict or as .safetensors. ({str(e).splitlines()[0]})"
+            f"{path}: refusing to unpickle it: the weights-only unpickler rejected it ({first}). Either it holds "
+            "objects that only a full unpickler would build, which can run arbitrary code (re-save it as a plain "
+            f"state dict or as .safetensors), or it is not a checkpoint at all; {_EXPECTED}"
         ) from e
+    except (RuntimeError, EOFError, IndexError, ValueError, KeyError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint, or truncated ({type(e).__name__}: {first}); {_EXPECTED}"
+        ) from e
+
+
+_EXPECTED = "expected a torch.save() file (.pt / .pth), a .safetensors file or a big_vision .npz"
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -229,14 +284,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.suffix == ".npz":
         return convert_big_vision(read_npz(path), source=str(path)), meta
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-            raw = (f.metadata() or {}).get("flexivit")
+        try:
+            with safe_open(path, framework="pt") as f:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+                raw = (f.metadata() or {}).get("flexivit")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable .safetensors file, or truncated ({e}); {_EXPECTED}") from e
         meta = json.loads(raw) if raw else {}
     else:
-        obj = _torch_load(path)
+        obj = torch_load(path)
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
         for key in ("model", "state_dict", "model_state_dict"):
@@ -257,13 +315,52 @@ def _square_side(n: int) -> int | None:
     return side if side * side == n else None
 
 
-def flexify_state_dict(sd: dict[str, torch.Tensor], model: FlexiViT) -> dict[str, torch.Tensor]:
-    """Fit a state dict of any patch size / grid onto ``model``'s underlying sizes (paper Sec. 3.5).
+def _has_class_posemb(n: int, has_class_token: bool) -> bool:
+    """Whether a position embedding of ``n`` entries holds one for the class token (timm / original ViT layout)."""
+    return has_class_token and _square_side(n) is None and _square_side(n - 1) is not None
 
-    - kernel (D, C, h, w) -> PI-resized to the model's underlying kernel size;
-    - position embedding: a class-token position (timm / original ViT layout) is folded into the class token,
-      which is exact because the class token is only ever used with it added; the grid is then resized
-      bilinearly (antialiased where it shrinks) to the model's underlying grid.
+
+def stored_sizes(sd: dict[str, torch.Tensor], meta: dict | None = None) -> dict[str, tuple[int, int]]:
+    """The underlying sizes a checkpoint stores: ``{"base_patch_size": (h, w), "posemb_grid": (gh, gw)}``.
+
+    Read from the file itself (REFERENCE.md §4: never trust a config name): the kernel's shape, and the position
+    embedding's length without a class-token entry, which must be a square unless the file is one of ours (its
+    ``model_kwargs`` then name the grid, which may be non-square). A size that cannot be read is left out.
+    """
+    kwargs = (meta or {}).get("model_kwargs") or {}
+    if "posemb_grid" in kwargs and "base_patch_size" in kwargs:
+        return {key: to_2tuple(kwargs[key], key) for key in ("base_patch_size", "posemb_grid")}
+    sizes = {}
+    kernel = sd.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.ndim == 4:
+        sizes["base_patch_size"] = tuple(kernel.shape[-2:])
+    posemb = sd.get("pos_embed")
+    if posemb is not None and posemb.ndim == 3:
+        n = posemb.shape[1] - int(_has_class_posemb(posemb.shape[1], "cls_token" in sd))
+        if (side := _square_side(n)) is not None:
+            sizes["posemb_grid"] = (side, side)
+    return sizes
+
+
+def _warn_resize(source: str, what: str, old, new) -> None:
+    warnings.warn(
+        f"{source}: {what} resized {'x'.join(map(str, old))} -> {'x'.join(map(str, new))} on load. This is lossy: at "
+        "the checkpoint's own patch size the model no longer computes exactly what the checkpoint did. Load without "
+        "resize_to_model (and without base_patch_size / posemb_grid overrides) to keep the stored sizes.",
+        stacklevel=3,
+    )
+
+
+def flexify_state_dict(
+    sd: dict[str, torch.Tensor], model: FlexiViT, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Fit a state dict onto ``model``'s underlying sizes (paper Sec. 3.5), exactly wherever that is possible.
+
+    - LayerScale (DeiT-III) is folded into the layer it scales, and a class-token position (timm / original ViT
+      layout) into the class token: both exact, because each is only ever used together with what it is folded into.
+    - kernel (D, C, h, w): PI-resized to the model's underlying kernel size when the two differ;
+    - position grid: resized bilinearly (antialiased where it shrinks) to the model's underlying grid when they
+      differ. Either resize is lossy and warns, naming ``source`` and the sizes from -> to.
     """
     sd = dict(sd)
     # LayerScale (DeiT-III, some timm ViTs) multiplies the output of attn.proj / mlp.fc2 by a vector: folding it
@@ -273,13 +370,15 @@ def flexify_state_dict(sd: dict[str, torch.Tensor], model: FlexiViT) -> dict[str
         sd[layer + ".weight"] = sd[layer + ".weight"] * gamma[:, None]
         sd[layer + ".bias"] = sd[layer + ".bias"] * gamma
     kernel = sd.get("patch_embed.proj.weight")
-    if kernel is not None and kernel.ndim == 4:
-        sd["patch_embed.proj.weight"] = pi_resize_patch_embed(kernel.float(), model.patch_embed.base_patch_size)
+    base = model.patch_embed.base_patch_size
+    if kernel is not None and kernel.ndim == 4 and tuple(kernel.shape[-2:]) != tuple(base):
+        _warn_resize(source, "patch-embedding kernel (PI-resize)", kernel.shape[-2:], base)
+        sd["patch_embed.proj.weight"] = pi_resize_patch_embed(kernel.float(), base).to(kernel.dtype)
 
     posemb = sd.get("pos_embed")
     if posemb is not None and posemb.ndim == 3:
         n = posemb.shape[1]
-        if model.cls_token is not None and _square_side(n) is None and _square_side(n - 1) is not None:
+        if model.cls_token is not None and "cls_token" in sd and _has_class_posemb(n, True):
             sd["cls_token"] = sd["cls_token"] + posemb[:, :1]
             posemb, n = posemb[:, 1:], n - 1
         if n == math.prod(model.posemb_grid):
@@ -287,22 +386,42 @@ def flexify_state_dict(sd: dict[str, torch.Tensor], model: FlexiViT) -> dict[str
         elif (side := _square_side(n)) is not None:
             grid = (side, side)
         else:
-            raise CheckpointError(f"cannot infer the position embedding grid from {n} positions")
-        posemb = resize_posemb(posemb.float().reshape(1, *grid, -1), model.posemb_grid)
+            raise CheckpointError(f"{source}: cannot infer the position embedding grid from {n} positions")
+        if tuple(grid) != tuple(model.posemb_grid):
+            _warn_resize(source, "position embedding grid", grid, model.posemb_grid)
+            posemb = resize_posemb(posemb.float().reshape(1, *grid, -1), model.posemb_grid).to(posemb.dtype)
         sd["pos_embed"] = posemb.reshape(1, -1, posemb.shape[-1])
     return sd
 
 
 def load_state_dict(model: FlexiViT, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load a (flexified) state dict strictly; a head of another size is skipped and the model's own kept.
+    """Load a (flexified) state dict strictly, except for the classification head, which may differ (with a warning).
 
-    Skipping a mismatched head is the transfer case (e.g. ImageNet-21k weights, 10 new classes); any other
-    missing, unexpected or wrongly shaped key is an error that lists them all.
+    The head is the transfer case (ImageNet-21k weights, 10 new classes): a head of another size, or a head that the
+    model does not have, is not loaded; a model head that the file lacks keeps its fresh initialisation (zeros: it
+    predicts class 0 until trained). Each of these warns. Any other missing, unexpected or wrongly shaped key is an
+    error that lists them all.
     """
     own = model.state_dict()
     sd = dict(sd)
+
+    def head(state):  # "10-class head (10, 384)", or None
+        return (
+            f"{state['head.bias'].shape[0]}-class head {tuple(state['head.weight'].shape)}"
+            if "head.bias" in state
+            else None
+        )
+
     if any(k.startswith("head.") and (k not in own or own[k].shape != v.shape) for k, v in sd.items()):
+        kept = f"the model's {head(own)} is freshly initialised" if head(own) else "the model has no head"
+        warnings.warn(f"{source}: its {head(sd)} is not loaded ({kept})", stacklevel=3)
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    elif head(own) and not head(sd):
+        warnings.warn(
+            f"{source} has no classification head: the model's {head(own)} keeps its fresh initialisation "
+            "(zero-initialised, it predicts class 0 until it is trained)",
+            stacklevel=3,
+        )
     # A head the checkpoint lacks is not missing: the model keeps its freshly initialised one.
     missing = [k for k in own if k not in sd and not k.startswith("head.")]
     unexpected = [k for k in sd if k not in own]
@@ -321,6 +440,17 @@ def load_state_dict(model: FlexiViT, sd: dict[str, torch.Tensor], source: str = 
             own[k].copy_(v)
 
 
+def default_release(model_name: str) -> str:
+    """The release that ``create_model(model_name, pretrained=True)`` loads: the first in :data:`RELEASES` for it."""
+    for release, entry in RELEASES.items():
+        if entry["model"] == model_name:
+            return release
+    names = ", ".join(f"{r} ({e['model']})" for r, e in RELEASES.items())
+    raise CheckpointError(
+        f"pretrained=True: no official release for {model_name!r}. Pass a file path or one of the releases: {names}"
+    )
+
+
 def read_pretrained(pretrained: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """Read a file or an official release name: ``(state_dict, metadata, path)``."""
     source = str(pretrained)
@@ -330,9 +460,9 @@ def read_pretrained(pretrained: str | Path) -> tuple[dict[str, torch.Tensor], di
 
 
 def load_pretrained(model: FlexiViT, pretrained: str | Path) -> FlexiViT:
-    """Load a file or an official release name into ``model`` (see :func:`flexivit.create_model`)."""
+    """Load a file or an official release name into ``model``, resized to its underlying sizes where they differ."""
     sd, _, path = read_pretrained(pretrained)
-    load_state_dict(model, flexify_state_dict(sd, model), source=str(path))
+    load_state_dict(model, flexify_state_dict(sd, model, source=str(path)), source=str(path))
     return model
 
 
@@ -364,7 +494,7 @@ def load_model(path: str | Path, **overrides) -> FlexiViT:
             "with its task's loader, e.g. tasks.segmentation.load_model(path)"
         )
     model = FlexiViT(**{**meta["model_kwargs"], **overrides})
-    load_state_dict(model, flexify_state_dict(sd, model), source=str(path))
+    load_state_dict(model, flexify_state_dict(sd, model, source=str(path)), source=str(path))
     return model
 
 
@@ -372,8 +502,10 @@ __all__ = [
     "RELEASES",
     "CheckpointError",
     "atomic_write",
+    "atomic_write_text",
     "cache_dir",
     "convert_big_vision",
+    "default_release",
     "flexify_state_dict",
     "load_model",
     "load_pretrained",
@@ -383,4 +515,6 @@ __all__ = [
     "read_pretrained",
     "release_path",
     "save_model",
+    "stored_sizes",
+    "torch_load",
 ]

@@ -49,27 +49,38 @@ def model_kwargs(name: str) -> dict:
     return dict(_MODELS[name]())
 
 
-def create_model(name: str, pretrained: str | Path | bool | None = None, **overrides) -> FlexiViT:
+def create_model(
+    name: str, pretrained: str | Path | bool | None = None, *, resize_to_model: bool = False, **overrides
+) -> FlexiViT:
     """Build a registered model, optionally loading weights.
 
     Args:
         name: a name from :func:`list_models`.
         pretrained: a path to a big_vision ``.npz``, a timm state dict (``.safetensors`` / ``.pth``) or a
-            checkpoint of this project; or a release name from ``flexivit.checkpoint.RELEASES`` (downloaded
-            into the cache when online). Fixed-patch weights are flexified: kernel PI-resized and position
-            embedding resized to this model's underlying sizes (paper Sec. 3.5).
+            checkpoint of this project; a release name from ``flexivit.RELEASES`` (downloaded into the cache when
+            online); or ``True`` for the model's default release (the first listed for it).
+        resize_to_model: by default the model takes the checkpoint's own kernel size and position grid as its
+            underlying sizes (read from the file), so loading is lossless: e.g. a timm ``flexivit_small`` file
+            (16x16 kernel, 15x15 grid) gives timm's logits at patch 16, and the model still runs at every patch
+            size. ``True`` PI-resizes the kernel and resizes the position grid to the registered underlying sizes
+            instead (32x32 and 7x7 for FlexiViTs: the distillation init of paper Sec. 3.5); so do explicit
+            ``base_patch_size`` / ``posemb_grid`` overrides. A lossy resize warns, naming from -> to.
         **overrides: any FlexiViT keyword argument, e.g. ``num_classes=10`` or ``drop_path_rate=0.1``.
     """
     kwargs = model_kwargs(name)
-    if not pretrained:
+    if pretrained is None or pretrained is False or pretrained == "":
         return FlexiViT(**{**kwargs, **overrides})
     from . import checkpoint  # local import: checkpoint imports the model module
 
-    sd, _, path = checkpoint.read_pretrained(pretrained)
+    if pretrained is True:
+        pretrained = checkpoint.default_release(name)
+    sd, meta, path = checkpoint.read_pretrained(pretrained)
     if "num_classes" not in overrides:  # like timm: keep the checkpoint's head unless told otherwise
         kwargs["num_classes"] = sd["head.bias"].shape[0] if "head.bias" in sd else 0
+    if not resize_to_model:
+        kwargs.update(checkpoint.stored_sizes(sd, meta))
     model = FlexiViT(**{**kwargs, **overrides})
-    checkpoint.load_state_dict(model, checkpoint.flexify_state_dict(sd, model), source=str(path))
+    checkpoint.load_state_dict(model, checkpoint.flexify_state_dict(sd, model, source=str(path)), source=str(path))
     return model
 
 

@@ -2,7 +2,10 @@
 
 import os
 import pickle
+import re
+import sys
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -171,13 +174,60 @@ def test_timm_state_dict_with_class_posemb_loads_exactly(tmp_path, suffix, image
         assert rel_err(model(images, patch_size=16), reference(images)) < 1e-5
 
 
-def test_timm_checkpoint_is_flexified(tmp_path):
+def randomised(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    return model.eval()
+
+
+# timm's own layouts: its flexivit_* hub files (kernel 16x16, posemb 15x15 without a class entry, 240 px) and plain
+# ViTs at 224 px (14x14), with and without a class-token entry in the position embedding.
+TIMM_LAYOUTS = {
+    "flexivit_small@240": dict(name="flexivit_small", img_size=240, no_embed_class=True),
+    "vit_base_patch16_224": dict(name="vit_base_patch16_224", img_size=224),
+    "vit_base_patch16_224 no class posemb": dict(name="vit_base_patch16_224", img_size=224, no_embed_class=True),
+}
+
+
+@pytest.mark.parametrize("layout", TIMM_LAYOUTS)
+def test_timm_layout_loads_losslessly_at_its_own_patch_size(tmp_path, layout):
+    # The stored 16x16 kernel and 15x15 / 14x14 grid become the model's underlying sizes: at patch 16 on the stored
+    # image size nothing is resized, so the logits are timm's (before: resized to 32x32 / 7x7 and back, 7e-2 off).
+    spec = dict(TIMM_LAYOUTS[layout])
+    name, size = spec.pop("name"), spec["img_size"]
+    reference = randomised(timm.create_model(name, pretrained=False, num_classes=4, **SHAPE_TIMM, **spec))
+    path = tmp_path / "timm.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(reference.state_dict(), path)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    ours_name = "flexivit_small" if name.startswith("flexivit") else "vit_base_patch16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing lossy happens, so nothing may warn
+        model = flexivit.create_model(ours_name, pretrained=path, **SHAPE, gelu_approximate="none").eval()
+    grid = size // 16
+    assert model.patch_embed.base_patch_size == (16, 16) and model.posemb_grid == (grid, grid)
+    with torch.no_grad():
+        got, want = model(images, patch_size=16), reference(images)
+        assert rel_err(got, want) < 1e-5, f"{layout}: relative error {rel_err(got, want):.2e}"
+        assert model(images, patch_size=8).shape == (2, 4)  # still flexible: any patch size runs
+
+
+SHAPE_TIMM = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def test_resize_to_model_is_explicit_and_warns(tmp_path):
     # A fixed B/16-style file into a FlexiViT (32x32 kernel, 7x7 grid). PI-resize 16 -> 32 is an upsampling, so the
     # stored kernel applied to a patch upsampled to 32 px gives exactly the tokens of the original 16x16 kernel.
     reference = timm_vit(16, no_embed_class=True)
     path = tmp_path / "t.pth"
     torch.save(reference.state_dict(), path)
-    model = flexivit.create_model("flexivit_base", pretrained=path, **SHAPE, gelu_approximate="none")
+    with pytest.warns(UserWarning, match=r"t\.pth: patch-embedding kernel \(PI-resize\) resized 16x16 -> 32x32") as rec:
+        model = flexivit.create_model(
+            "flexivit_base", pretrained=path, resize_to_model=True, **SHAPE, gelu_approximate="none"
+        )
+    assert any("position embedding grid resized 15x15 -> 7x7" in str(w.message) for w in rec)
     kernel = model.patch_embed.proj.weight.detach()
     assert kernel.shape[-2:] == (32, 32) and model.pos_embed.shape == (1, 49, 32)
     patches = torch.randn(8, 3, 16, 16)
@@ -241,9 +291,60 @@ def test_release_found_in_cache_without_network(tmp_path, monkeypatch, npz_path)
     assert model.head.out_features == 5
 
 
-def test_timm_registry_name_is_not_needed():
-    # Our loader depends on file formats only, not on timm being installed or its model names.
-    assert "flexivit_small" in timm.list_models("flexivit*")
+def test_loading_timm_files_needs_no_timm(tmp_path, monkeypatch, images):
+    # Our loader depends on file formats only: with timm made unimportable the same file gives the same logits.
+    path = tmp_path / "timm.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(randomised(timm_vit(16)).state_dict(), path)
+    with torch.no_grad():
+        want = flexivit.create_model("vit_base_patch16", pretrained=path, **SHAPE).eval()(images)
+        monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+        got = flexivit.create_model("vit_base_patch16", pretrained=path, **SHAPE).eval()(images)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_head_fallbacks_warn(tmp_path):
+    headless = tmp_path / "headless.safetensors"
+    flexivit.save_model(flexivit.create_model("flexivit_mu", depth=1), headless)
+    with pytest.warns(UserWarning, match=r"headless\.safetensors has no classification head: the model.s 10-class head"):
+        model = flexivit.create_model("flexivit_mu", pretrained=headless, depth=1, num_classes=10)
+    assert model.head.weight.abs().sum() == 0  # the fresh zero head it warned about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert flexivit.create_model("flexivit_mu", pretrained=headless, depth=1).head is None  # nothing to warn
+
+
+def test_pretrained_true_loads_the_default_release_or_names_them(tmp_path, monkeypatch, npz_path):
+    monkeypatch.setenv("FLEXIVIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(ckpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
+    (tmp_path / "flexivit_b_i1k.npz").write_bytes(npz_path.read_bytes())
+    assert ckpt.default_release("flexivit_base") == "flexivit_b_i1k"
+    model = flexivit.create_model("flexivit_base", pretrained=True, **SHAPE)
+    torch.testing.assert_close(
+        model.pos_embed, flexivit.create_model("flexivit_base", pretrained=npz_path, **SHAPE).pos_embed
+    )
+    with pytest.raises(ckpt.CheckpointError, match=r"no official release for 'flexivit_mu'.*flexivit_s_i1k"):
+        flexivit.create_model("flexivit_mu", pretrained=True)
+
+
+def _truncated(tmp_path, suffix):
+    path = tmp_path / f"good{suffix}"
+    flexivit.save_model(flexivit.create_model("flexivit_mu", depth=1), path)
+    data = path.read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    return tmp_path / f"cut{suffix}"
+
+
+@pytest.mark.parametrize("kind", ["text.pt", "text.npz", "text.safetensors", "cut.pt", "cut.safetensors"])
+def test_damaged_or_foreign_files_are_named(tmp_path, kind):
+    if kind.startswith("text"):
+        path = tmp_path / kind
+        path.write_text("this is not a checkpoint\n" * 20)
+    else:
+        path = _truncated(tmp_path, kind[3:])
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(str(path)) + r".*(expected|not a big_vision)"):
+        ckpt.read_checkpoint(path)
 
 
 def test_layer_scale_checkpoint_is_folded_exactly(tmp_path, images):
