@@ -246,7 +246,7 @@ def convert_big_vision(params: dict[str, np.ndarray], source: str = "checkpoint"
 
 
 def torch_load(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)`` on the CPU, with every failure a :class:`CheckpointError` naming the file.
+    """``torch.load(path, weights_only=True)`` on the CPU; every failure is a :class:`CheckpointError` naming the file.
 
     A file that needs a full unpickler is refused (it could run arbitrary code); a truncated, damaged or foreign file
     (a text file, half a download) says so instead of surfacing the unpickler's ``IndexError`` / zip error.

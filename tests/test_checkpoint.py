@@ -307,7 +307,7 @@ def test_loading_timm_files_needs_no_timm(tmp_path, monkeypatch, images):
 def test_head_fallbacks_warn(tmp_path):
     headless = tmp_path / "headless.safetensors"
     flexivit.save_model(flexivit.create_model("flexivit_mu", depth=1), headless)
-    with pytest.warns(UserWarning, match=r"headless\.safetensors has no classification head: the model.s 10-class head"):
+    with pytest.warns(UserWarning, match=r"headless\.safetensors has no classification head: the model.s 10-class"):
         model = flexivit.create_model("flexivit_mu", pretrained=headless, depth=1, num_classes=10)
     assert model.head.weight.abs().sum() == 0  # the fresh zero head it warned about
     with warnings.catch_warnings():
