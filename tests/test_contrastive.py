@@ -4,16 +4,15 @@ and the eval tool on a trained run."""
 
 import importlib.util
 import json
-import os
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from markers import needs_fashion_mnist
 from open_clip.loss import ClipLoss, SigLipLoss
 from PIL import Image
 
@@ -35,8 +34,6 @@ from tasks.contrastive.model import ImageTextModel
 from tools import eval as eval_tool
 from tools import train
 
-HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist").is_dir() or "FASHION_MNIST_DIR" in os.environ
-needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST (Debian dataset-fashion-mnist) not installed")
 CONFIG = "configs/contrastive/fashion_mnist.py"
 
 
@@ -257,7 +254,7 @@ def test_readers_group_several_captions_per_image(tmp_path):
     ]
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_fashion_captions_hold_out_the_evaluation_templates():
     from tasks.contrastive.fashion_captions import EVAL_TEMPLATES, TRAIN_TEMPLATES, fashion_captions
 
@@ -305,8 +302,6 @@ def test_models_without_projection_need_matching_widths():
 
 @pytest.fixture(scope="module")
 def lit_run(tmp_path_factory):
-    if not HAS_FMNIST:
-        pytest.skip("Fashion-MNIST not installed")
     workdir = tmp_path_factory.mktemp("lit")
     results = train.main(["--config", f"{CONFIG}:runlocal,mode=lit", "--workdir", str(workdir), "--set",
                           "train.steps=2"])  # fmt: skip
@@ -337,7 +332,7 @@ def test_eval_tool_sweeps_a_contrastive_run(lit_run, tmp_path):
     assert "i2t_r1" in (tmp_path / "sweep.md").read_text()
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_flexilit_queries_the_locked_tower_at_the_engines_patch_size_of_every_step(tmp_path, monkeypatch):
     seen = []
     forward = ImageTextModel.forward

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 
 import numpy as np
 import pytest
 import torch
+from markers import needs_fashion_mnist
 from PIL import Image
 
 from tasks.common import datasets as D
@@ -144,13 +144,8 @@ def test_fashion_mnist_mismatched_files(idx_root):
 
 # --- Real datasets shipped on this machine -----------------------------------------------------------
 
-needs_fashion = pytest.mark.skipif(
-    not os.path.isdir(D.FASHION_MNIST_ROOT),
-    reason=f"{D.FASHION_MNIST_ROOT} absent (install the Debian package dataset-fashion-mnist)",
-)
 
-
-@needs_fashion
+@needs_fashion_mnist
 def test_real_fashion_mnist():
     train = D.build_dataset("fashion_mnist", "train")
     test = D.build_dataset("fashion_mnist", "test")

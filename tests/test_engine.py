@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs_fashion_mnist
 
 import flexivit
 from tasks import classification
@@ -17,8 +18,6 @@ from tools import eval as eval_tool
 from tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist").is_dir() or "FASHION_MNIST_DIR" in os.environ
-needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST (Debian dataset-fashion-mnist) not installed")
 CONFIGS = sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.py") if "def get_config" in p.read_text()
 )
@@ -29,7 +28,7 @@ def final_weights(workdir) -> dict:
     return torch.load(sorted(Path(workdir, "checkpoints").glob("ckpt_*.pt"))[-1], weights_only=True)["model"]
 
 
-@needs_fmnist
+@needs_fashion_mnist
 @pytest.mark.parametrize("config", CONFIGS)
 def test_runlocal_of_every_config_trains_and_evaluates(config, tmp_path):
     results = train.main(["--config", f"{config}:runlocal", "--workdir", str(tmp_path), "--set", "train.steps=2"])
@@ -42,7 +41,7 @@ def test_runlocal_of_every_config_trains_and_evaluates(config, tmp_path):
     assert (tmp_path / "checkpoints" / "ckpt_00000002.pt").exists()
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)  # the model's initialisation; measured: 2.30 -> ~0.4 after 60 steps for seeds 0 and 1
     config = load_config(RUNLOCAL)
@@ -61,7 +60,7 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.35 * losses[0]  # memorising 16 images: a broken gradient path stays near log(10) = 2.3
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     common = ["--config", RUNLOCAL, "--set", "train.steps=6", "train.ckpt_every=3", "optim.warmup_steps=2"]
     train.main([*common, "--workdir", str(tmp_path / "straight")])
@@ -80,7 +79,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     assert sequence == patch_sequence(tmp_path / "resumed") and len(set(sequence.values())) > 1
 
 
-@needs_fmnist
+@needs_fashion_mnist
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
 def test_torchrun_two_processes_match_one_process(tmp_path):
     args = ["--config", RUNLOCAL, "--set", "train.steps=3", "optim.warmup_steps=0"]
@@ -97,7 +96,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_eval_sweep_matches_a_direct_computation(tmp_path):
     train.main(["--config", RUNLOCAL, "--workdir", str(tmp_path), "--set", "train.steps=3"])
     rows = eval_tool.main(["--workdir", str(tmp_path), "--patch-sizes", "12", "6", "--timing-batch", "4"])
@@ -125,7 +124,7 @@ def test_unknown_config_key_lists_the_valid_ones():
     assert apply_overrides(config, ["train.steps=7", "patch_sizes.sizes=[8, 6]"]).patch_sizes.sizes == [8, 6]
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_patch_size_that_does_not_fit_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"eval\.patch_sizes: patch size 32 does not fit the 24x24 images"):
         train.main(["--config", RUNLOCAL, "--workdir", str(tmp_path), "--set", "eval.patch_sizes=[8, 32]"])
@@ -159,8 +158,6 @@ def test_corrupt_image_is_named(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
-    if not HAS_FMNIST:
-        pytest.skip("Fashion-MNIST not installed")
     real_loss = classification.loss
     calls = {"n": 0}
 
@@ -176,7 +173,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_distillation_student_starts_at_the_flexified_teacher(tmp_path):
     # A fixed p8 teacher (the runlocal shape), then a FlexiViT student initialised from it (Sec. 3.5).
     teacher_dir = tmp_path / "teacher"

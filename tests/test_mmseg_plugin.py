@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs_fashion_mnist
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed (bash tools/install_mmseg.sh)")
 pytest.importorskip("mmcv.ops", reason="mmcv built without ops (bash tools/install_mmseg.sh)")
@@ -93,7 +94,7 @@ def test_patch_size_that_does_not_divide_the_input_is_padded():
     assert out.shape == (5, 48, 48) and torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST package absent")
+@needs_fashion_mnist
 def test_scenes_config_trains_resumes_and_evaluates_with_the_runner(tmp_path, monkeypatch):
     """configs/mmseg's scenes config (a tiny backbone) through mmengine's Runner on generated ADE20k-layout scenes."""
     from mmengine.runner import Runner

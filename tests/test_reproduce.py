@@ -1,19 +1,13 @@
 """The reproduction script end to end at a tiny scale: every run trains, every table and plot is written."""
 
-import os
 import re
 
-import pytest
+from markers import needs_fashion_mnist
 
-from tasks.common.datasets import FASHION_MNIST_ROOT
 from tools import reproduce
 
-needs_fashion = pytest.mark.skipif(
-    not os.path.isdir(FASHION_MNIST_ROOT), reason=f"{FASHION_MNIST_ROOT} absent (Debian package dataset-fashion-mnist)"
-)
 
-
-@needs_fashion
+@needs_fashion_mnist
 def test_reproduce_smoke(tmp_path):
     out = tmp_path / "docs"
     args = ["--steps-scale", "0.002", "--val-examples", "40", "--workdir", str(tmp_path / "runs"), "--out", str(out)]

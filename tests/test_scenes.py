@@ -5,7 +5,6 @@ with perfect predictions scoring AP = 1, PQ = 1 and mIoU = 1."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from markers import needs_fashion_mnist
 from PIL import Image
 
 from tasks.common import scenes
@@ -20,8 +20,7 @@ from tasks.segmentation.data import build_segmentation_dataset
 from tasks.segmentation.metrics import confusion_matrix, segmentation_metrics
 from tools import make_scenes
 
-HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist").is_dir() or "FASHION_MNIST_DIR" in os.environ
-pytestmark = pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST (Debian dataset-fashion-mnist) not installed")
+pytestmark = needs_fashion_mnist
 SPEC = scenes.SceneSpec(size=64)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from markers import needs_fashion_mnist
 from PIL import Image
 
 import flexivit
@@ -314,9 +315,7 @@ def test_load_model_rebuilds_a_training_checkpoint_from_the_file_alone(tmp_path)
         segmentation.load_model(plain)
 
 
-@pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST (dataset-fashion-mnist) not installed"
-)
+@needs_fashion_mnist
 @pytest.mark.parametrize("name", ["scenes", "ade20k", "cityscapes"])
 def test_runlocal_configs_build_train_and_evaluate_on_generated_scenes(name):
     # The engine's smoke test (tests/test_engine.py) runs these presets end to end; this one checks the task alone.
