@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--out", default="docs", help="folder for benchmarks.md / .csv / .png")
     parser.add_argument("--quick", action="store_true", help="a tiny model and few repeats: a smoke test")
+    parser.add_argument(
+        "--index-cost", action="store_true", help="only the sampler's index cost per step at 13M items (seconds)"
+    )
     args = parser.parse_args(argv)
     args.overrides = {}
     if args.quick:
@@ -462,8 +465,8 @@ def bench_input(args, device: torch.device) -> tuple[list[dict], str | None]:
 
     def step(patch, s=0) -> None:
         with _autocast(device):
-            loss = classification.train_loss(model, data, patch, step=s, config=config)
-        loss.backward()
+            loss, _ = classification.train_loss(model, data, patch, step=s, config=config)
+        loss.backward()  # outside autocast, as the engine does
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -493,6 +496,40 @@ def bench_input(args, device: torch.device) -> tuple[list[dict], str | None]:
         f"{config.data.image_size} px, batch {batch}); {together}; {bound} bounds training."
     )
     return rows, note
+
+
+def bench_index(num_items: int = 13_000_000, batch: int = 1024, steps: int = 50) -> list[dict]:
+    """Cost of the training sampler's indices at ImageNet-21k scale: per step, and per epoch draw.
+
+    ``StepBatches`` draws an epoch's permutation and item seeds once and then slices them (O(batch) per step); the
+    row "drawn every step" times what it did before, the same draws repeated in every step.
+    """
+    import numpy as np
+
+    from tasks.common.loader import StepBatches
+
+    sampler = StepBatches(num_items, batch, seed=0)
+    start = time.perf_counter()
+    sampler.batch_for_step(0)  # draws epoch 0
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        sampler.batch_for_step(step)
+    per_step = (time.perf_counter() - start) / steps
+    held = (sampler._order.nbytes + sampler._item_seeds.nbytes) / 2**20
+
+    def redraw_every_step(step: int) -> None:  # the previous implementation's work per step
+        order = np.random.default_rng([0, 0]).permutation(num_items)
+        seeds = np.random.default_rng([0, 0, 1]).integers(0, 2**62, size=num_items)
+        [(int(i), int(seeds[i])) for i in order[step * batch : (step + 1) * batch]]
+
+    redraw = statistics.median(_timed_s(lambda s=s: redraw_every_step(s), torch.device("cpu")) for s in range(3))
+    return [
+        {"what": f"per step, drawn once per epoch ({num_items:,} items, batch {batch})", "ms": 1e3 * per_step,
+         "MiB held": held},
+        {"what": "first step of an epoch (the epoch's draw)", "ms": 1e3 * first, "MiB held": held},
+        {"what": "per step, drawn every step (before)", "ms": 1e3 * redraw, "MiB held": held},
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -728,6 +765,16 @@ def main(argv=None) -> Path:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.index_cost:
+        rows = bench_index(steps=5 if args.quick else 50, num_items=100_000 if args.quick else 13_000_000)
+        text = "# Training sampler: index cost per step\n\n" + markdown_table(rows)
+        path = Path(args.out) / "benchmarks_index.md"
+        atomic_write(
+            path,
+            lambda tmp: Path(tmp).write_text(text + f"\nCommand: `python -m tools.benchmark {shlex.join(argv)}`\n"),
+        )
+        print(text, flush=True)
+        return path
     torch.manual_seed(0)
     results = {
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
