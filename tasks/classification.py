@@ -1,7 +1,8 @@
 """Classification: the head is the backbone's own linear head on the pooled feature (paper Sec. 4).
 
-The task's face for the engine: ``build_datasets``, ``build_model``, ``loss`` and ``evaluate``. Fixed and
-flexified transfer differ only in the engine's patch-size sampler (one config key).
+The task's face for the engine (tasks/__init__.py): ``build_datasets``, ``build_model``, ``train_loss`` and
+``evaluate``. Fixed and flexified transfer differ only in the engine's patch-size sampler (one config key);
+distillation (Sec. 3.5), mixup, label smoothing and the consistency term come from tasks/common/losses.py.
 """
 
 from __future__ import annotations
@@ -14,22 +15,41 @@ import torch.nn.functional as F
 import flexivit
 from tasks.common import distributed
 from tasks.common.datasets import build_dataset, class_subset, take
-from tasks.common.loader import eval_loader
+from tasks.common.loader import JointTransform, eval_loader
+from tasks.common.losses import consistency_loss, distillation_loss, mix, mixed_cross_entropy, mixup_ratio
 from tasks.common.train_state import resolve_checkpoint
-from tasks.common.transforms import eval_transform, train_transform
+from tasks.common.transforms import ConsistentViews, eval_transform, train_transform
 
 
-def build_datasets(data) -> tuple:
+def build_datasets(data, distill=None) -> tuple:
     """``(train dataset, train transform, validation dataset with its eval transform applied, class names)``.
 
     ``data.classes`` keeps only those classes (relabelled 0..k-1), e.g. to pretrain on some Fashion-MNIST
     classes and transfer to the others; ``data.train_examples`` / ``data.val_examples`` take a fixed random subset.
+    With a ``distill`` block whose teacher runs at another ``image_size``, every training item also carries the
+    teacher's view: the same crop and flip resized to that size (``(image, teacher image, label)``).
     """
-    common = dict(value_range=tuple(data.value_range) if isinstance(data.value_range, list) else data.value_range)
-    train_tf = train_transform(
-        data.image_size, crop_scale=tuple(data.crop_scale), hflip=data.hflip, randaugment=data.randaugment, **common
-    )
-    val_tf = eval_transform(data.image_size, crop_ratio=data.eval_crop_ratio, **common)
+    value_range = tuple(data.value_range) if isinstance(data.value_range, list) else data.value_range
+    teacher_size = distill.image_size if distill and distill.image_size not in (None, data.image_size) else None
+    if teacher_size is None:
+        train_tf = train_transform(
+            data.image_size,
+            crop_scale=tuple(data.crop_scale),
+            hflip=data.hflip,
+            randaugment=data.randaugment,
+            value_range=value_range,
+        )
+    else:
+        if data.randaugment:
+            raise ValueError("data.randaugment cannot give the teacher a consistent view: turn it off to distil")
+        views = ConsistentViews(
+            (data.image_size, teacher_size),
+            crop_scale=tuple(data.crop_scale),
+            hflip=data.hflip,
+            value_range=value_range,
+        )
+        train_tf = JointTransform(lambda image, label: (*views(image), label))
+    val_tf = eval_transform(data.image_size, crop_ratio=data.eval_crop_ratio, value_range=value_range)
     train = build_dataset(data.name, data.train_split, root=data.root)
     val = build_dataset(data.name, data.val_split, root=data.root, transform=val_tf)
     if data.classes:
@@ -57,58 +77,37 @@ def build_model(model_cfg, classes: list[str]) -> flexivit.FlexiViT:
     return model
 
 
-def loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    label_smoothing: float = 0.0,
-    teacher_logits: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy to hard labels, or to a teacher's predicted distribution (distillation, Sec. 3.5).
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
+    """``(loss, {term: value})`` of one (micro-)batch at ``patch_size``.
 
-    With a teacher this is big_vision's distillation loss: KL(teacher || student) up to the teacher's entropy, a
-    constant. Computed in float32 under autocast.
+    Cross-entropy to the labels (optionally mixed and smoothed), or with a ``teacher`` the distillation loss
+    (Sec. 3.5: FunMatch, the teacher sees the same augmented, mixed crop, at its own resolution and patch size),
+    plus the optional consistency term across patch sizes.
     """
-    logits = logits.float()
-    if teacher_logits is not None:
-        return torch.sum(-F.softmax(teacher_logits.float(), -1) * F.log_softmax(logits, -1), -1).mean()
-    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-
-
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> torch.Tensor:
-    """The loss of one (micro-)batch at ``patch_size``: labels or teacher, optional mixup and consistency term."""
-    images, labels = batch
+    *views, labels = batch  # (images, labels), or (images, teacher images, labels) with a teacher view
     train = config.train
-    ratio = None
-    if train.mixup:  # mix each example with the batch reversed, one Beta(alpha, alpha) ratio per batch
-        ratio = torch.distributions.Beta(train.mixup, train.mixup).sample().item()
-        images = ratio * images + (1 - ratio) * images.flip(0)
+    ratio = mixup_ratio(train.mixup) if train.mixup else None
+    if ratio is not None:
+        views = mix(ratio, *views)
+    images = views[0]
     logits = net(images, patch_size=patch_size)
+    terms = {}
     if teacher is not None:
-        # FunMatch: the teacher sees the exact same (augmented, mixed) images, at its own resolution and patch size.
         with torch.no_grad():
-            teacher_logits = teacher(_resize(images, config.distill.image_size), patch_size=config.distill.patch_size)
-        value = loss(logits, None, teacher_logits=teacher_logits)
-    elif ratio is not None:
-        smooth = train.label_smoothing
-        value = ratio * loss(logits, labels, label_smoothing=smooth) + (1 - ratio) * loss(
-            logits, labels.flip(0), label_smoothing=smooth
-        )
+            teacher_logits = teacher(views[-1], patch_size=config.distill.patch_size)
+        loss = terms["distill"] = distillation_loss(logits, teacher_logits)
     else:
-        value = loss(logits, labels, label_smoothing=train.label_smoothing)
+        loss = terms["ce"] = mixed_cross_entropy(logits, labels, ratio, label_smoothing=train.label_smoothing)
     if train.consistency.weight:
-        # Keeps the patch sizes consistent while fine-tuning at one of them (REFERENCE.md §12): the model's own
-        # prediction at the training size, detached, is the target at another size drawn from (seed + 1, step).
-        other_size = flexivit.UniformSampler(train.consistency.sizes, seed=config.seed + 1)(step)
-        other = net(images, patch_size=other_size)
-        value = value + train.consistency.weight * loss(other, None, teacher_logits=logits.detach())
-    return value
-
-
-def _resize(images: torch.Tensor, size) -> torch.Tensor:
-    if not size or tuple(images.shape[-2:]) == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        terms["consistency"] = consistency_loss(
+            lambda size: net(images, patch_size=size),
+            logits,
+            train.consistency.sizes,
+            seed=config.seed,
+            step=step,
+        )
+        loss = loss + train.consistency.weight * terms["consistency"]
+    return loss, terms
 
 
 @torch.no_grad()

@@ -22,16 +22,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import flexivit
-from flexivit.checkpoint import flexify_state_dict, load_state_dict
+from flexivit.checkpoint import atomic_write_text, flexify_state_dict, load_state_dict
 from tasks.common import distributed
-from tasks.common.config import Config, apply_overrides, load_config, save_config
+from tasks.common.config import Config, apply_overrides, config_differences, load_config, save_config
 from tasks.common.loader import train_loader
 from tasks.common.optim import build_optimizer, build_scheduler, freeze
-from tasks.common.train_state import latest_checkpoint, load_train_state, resolve_checkpoint, save_train_state
+from tasks.common.train_state import latest_checkpoint, load_latest_train_state, resolve_checkpoint, save_train_state
+from tasks.common.transforms import InputRenormalization
 from tasks.common.writers import MetricWriter
 
 
@@ -46,50 +48,114 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_config(args) -> Config:
-    saved = Path(args.workdir) / "config.json"
+    """The run's config: ``--config`` (or, resuming, the workdir's ``config.json``) with the ``--set`` overrides.
+
+    Resuming with a ``--config`` whose resolved values differ from the saved ones is refused, listing the differences,
+    unless each differing key is one of the explicit ``--set`` overrides (e.g. more steps): a resumed run must not
+    silently continue as another experiment.
+    """
+    saved_path = Path(args.workdir) / "config.json"
+    saved = Config(json.loads(saved_path.read_text())) if args.resume and saved_path.exists() else None
     if args.config:
-        config = load_config(args.config)
-    elif args.resume and saved.exists():
-        config = Config(json.loads(saved.read_text()))
+        config = apply_overrides(load_config(args.config), args.set)
+    elif saved is not None:
+        config = apply_overrides(saved, args.set)
     else:
         raise SystemExit("--config is required (or --resume with a workdir that holds config.json)")
-    return apply_overrides(config, args.set)
+    if saved is not None:
+        explicit = [item.partition("=")[0].strip() for item in args.set]
+        differences = [
+            line
+            for key, line in config_differences(saved, config)
+            if not any(key == k or key.startswith(k + ".") for k in explicit)
+        ]
+        if differences:
+            raise SystemExit(
+                f"--resume: the config differs from the one saved in {saved_path}:\n  "
+                + "\n  ".join(differences)
+                + "\nResume without --config to continue the saved run, or change such keys explicitly with --set."
+            )
+    return config
 
 
-def build_teacher(distill, device) -> torch.nn.Module:
-    """A frozen teacher in eval mode: a registered model with ``init`` weights, or a checkpoint of ours."""
+def build_teacher(distill, value_range, device) -> torch.nn.Module:
+    """A frozen teacher in eval mode: a registered model with ``init`` weights, or a checkpoint of ours.
+
+    It gets its own input normalisation (``distill.value_range``, e.g. "imagenet" for a DeiT-III teacher from timm)
+    from the student's ``value_range``.
+    """
     if distill.name:
         init = resolve_checkpoint(distill.init) if distill.init else None
         teacher = flexivit.create_model(distill.name, pretrained=init, **(distill.overrides or {}))
     else:
         teacher = flexivit.load_model(resolve_checkpoint(distill.init))
+    if distill.value_range is not None:
+        teacher = InputRenormalization(teacher, value_range, distill.value_range)
     return teacher.to(device).eval().requires_grad_(False)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the global torch RNG at training step ``step`` on ``rank``.
+
+    Every random draw of a step (mixup, drop-path, dropout) comes from the RNG seeded here, so it is a function of
+    (seed, step, rank) alone: a resumed run draws what the uninterrupted run drew, on every rank, whatever else
+    consumed random numbers in between (the DataLoader's base seed, an evaluation).
+    """
+    return int(np.random.SeedSequence([seed, step, rank, 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def split_batch(batch: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
+    """``parts`` equal micro-batches of a rank's batch (gradient accumulation)."""
+    size = len(batch[0])
+    if size % parts:
+        raise ValueError(f"a batch of {size} examples does not split into {parts} equal micro-batches")
+    return [[t[i * (size // parts) : (i + 1) * (size // parts)] for t in batch] for i in range(parts)]
+
+
+def accumulate_gradients(net, loss_fn, batch: list[torch.Tensor], accum: int, *, autocast, scaler=None):
+    """Backward of ``loss_fn(micro_batch) -> (loss, metrics)`` over ``accum`` equal micro-batches; returns the mean
+    loss and metrics (detached). Each micro-batch's loss is weighted ``1 / accum``: with equal micro-batches the
+    gradient is that of the whole batch (for losses that average over examples). Under DDP the gradients are
+    all-reduced in the last micro-batch's backward only. The backward runs outside autocast.
+    """
+    total, metrics = None, {}
+    for micro, micro_batch in enumerate(split_batch(batch, accum)):
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            with autocast():
+                loss, terms = loss_fn(micro_batch)
+            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+        total = loss.detach() / accum if total is None else total + loss.detach() / accum
+        for key, value in terms.items():
+            metrics[key] = metrics.get(key, 0.0) + torch.as_tensor(value).detach().float() / accum
+    return total, metrics
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     config = resolve_config(args)
     workdir = Path(args.workdir)
-    rank, world, device = distributed.init()
+    rank, _, device = distributed.init()
+    world = distributed.world_size()
     main_process = distributed.is_main()
     if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
         save_config(config, workdir / "config.json")
     torch.manual_seed(config.seed + rank)
     task = importlib.import_module(f"tasks.{config.task}")
     train_cfg, optim_cfg, eval_cfg = config.train, config.optim, config.eval
 
     # ------------------------------------------------------------------------------------------ input pipeline
-    train_set, train_tf, val_set, info = task.build_datasets(config.data)
+    train_set, train_tf, val_set, info = task.build_datasets(config.data, distill=config.distill)
 
     # ------------------------------------------------------------------------------------------ model
     model = task.build_model(config.model, info)
     teacher = None
     if config.distill:
-        teacher = build_teacher(config.distill, device)
+        teacher = build_teacher(config.distill, config.data.value_range, device)
         if config.distill.init_student:
             # Sec. 3.5: start the student at the teacher: kernel PI-resized, posemb resized to the underlying sizes.
-            load_state_dict(model, flexify_state_dict(teacher.state_dict(), model), source="teacher")
+            weights = flexify_state_dict(_unwrap(teacher).state_dict(), model, source="teacher")
+            load_state_dict(model, weights, source="teacher")
     freeze(model, optim_cfg.frozen)
     # Counted after the task built the model: a task may freeze parameters itself (LiT locks its image tower).
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
@@ -126,11 +192,17 @@ def main(argv=None) -> dict:
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    accum = optim_cfg.accum_steps
+    if train_cfg.batch_size % (world * accum):
+        raise ValueError(
+            f"train.batch_size {train_cfg.batch_size} must divide into {world} process(es) x optim.accum_steps "
+            f"{accum} equal micro-batches"
+        )
     start_step = 0
     if args.resume:
-        found = latest_checkpoint(workdir)
+        found = load_latest_train_state(workdir, model, optimizer, scheduler, scaler)
         if found is not None:
-            start_step = load_train_state(found, model, optimizer, scheduler, scaler)
+            found, start_step = found
             if main_process:
                 print(f"resumed from {found} at step {start_step}", flush=True)
     net = model
@@ -150,6 +222,7 @@ def main(argv=None) -> dict:
         world=world,
         start_step=start_step,
         num_workers=config.data.num_workers,
+        collate_fn=getattr(task, "collate", None),
     )
     writer = MetricWriter(workdir, enabled=main_process)
     if main_process:
@@ -166,29 +239,31 @@ def main(argv=None) -> dict:
             writer.write(
                 step, {f"eval/{k}_p{_name(p)}": v for p, r in results.items() for k, v in r.items() if k != "n"}
             )
-            (workdir / "eval.json").write_text(json.dumps({"step": step, "results": _jsonable(results)}, indent=2))
+            atomic_write_text(
+                workdir / "eval.json", json.dumps({"step": step, "results": _jsonable(results)}, indent=2)
+            )
         return results
 
     # ------------------------------------------------------------------------------------------ train loop
-    accum = optim_cfg.accum_steps
     progress = _progress(start_step, train_cfg.steps, main_process)
     batches = iter(loader)
     model.train()
     t_last, results = time.perf_counter(), {}
     for step in range(start_step, train_cfg.steps):
         patch = sampler(step)  # the same on every rank: a function of (seed, step) only
-        if world > 1:  # cheap insurance for the paper's "one patch size per step on all ranks"
-            distributed.check_same_across_ranks([step, *flexivit.pi_resize.to_2tuple(patch)], "the patch size")
+        # Cheap insurance for the paper's "one patch size per step on all ranks" (a no-op in one process).
+        distributed.check_same_across_ranks([step, *flexivit.pi_resize.to_2tuple(patch)], "the patch size")
         batch = [t.to(device, non_blocking=True) for t in next(batches)]
-        step_loss = torch.zeros((), device=device)
-        for micro, micro_batch in enumerate(zip(*(t.chunk(accum) for t in batch), strict=True)):
-            sync = micro == accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
-            with contextlib.nullcontext() if sync else net.no_sync(), _autocast(device, autocast_dtype):
-                loss = task.train_loss(net, micro_batch, patch, step=step, config=config, teacher=teacher)
-                scaler.scale(loss / accum).backward()
-            step_loss += loss.detach() / accum
+        torch.manual_seed(step_seed(config.seed, step, rank))
 
-        mean_loss = distributed.all_reduce_sum(step_loss) / world
+        def micro_loss(micro_batch, patch=patch, step=step):
+            return task.train_loss(net, micro_batch, patch, step=step, config=config, teacher=teacher)
+
+        step_loss, terms = accumulate_gradients(
+            net, micro_loss, batch, accum, autocast=lambda: _autocast(device, autocast_dtype), scaler=scaler
+        )
+        reduced = distributed.all_reduce_sum(torch.stack([step_loss.float(), *terms.values()])) / world  # one call
+        mean_loss, terms = reduced[0], dict(zip(terms, reduced[1:], strict=True))
         if not torch.isfinite(mean_loss):
             last = latest_checkpoint(workdir)
             raise FloatingPointError(
@@ -211,6 +286,7 @@ def main(argv=None) -> dict:
                 done,
                 {
                     "train/loss": mean_loss.item(),
+                    **{f"train/{k}": v.item() for k, v in terms.items()},
                     "train/patch_size": _name(patch),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/grad_norm": grad_norm.item(),
@@ -234,7 +310,7 @@ def main(argv=None) -> dict:
 
     # ------------------------------------------------------------------------------------------ final evaluation
     progress.close()
-    if world > 1:
+    if distributed.is_initialized():
         checksum = distributed.parameter_checksum(model)
         distributed.check_same_across_ranks([checksum], "the model weights")
         if main_process:
@@ -257,6 +333,10 @@ def check_patch_sizes(sizes, key: str, image_size) -> None:
             raise ValueError(
                 f"{key}: patch size {patch} does not fit the {image[0]}x{image[1]} images (data.image_size)"
             )
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.model if isinstance(module, InputRenormalization) else module
 
 
 def _autocast(device: torch.device, dtype):

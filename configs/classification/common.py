@@ -41,13 +41,18 @@ def base_config() -> Config:
     return config
 
 
-def distill_config(name=None, init=None, overrides=None, patch_size=None, image_size=None, init_student=True) -> Config:
+def distill_config(
+    name=None, init=None, overrides=None, patch_size=None, image_size=None, value_range=None, init_student=True
+) -> Config:
     """The ``distill`` block (paper Sec. 3.5).
 
     The teacher is a registered model ``name`` (with ``overrides``) loaded from ``init`` (a file, a workdir or a
-    release name), or, with ``name=None``, a checkpoint of this project at ``init``. It runs at ``patch_size`` on the
-    student's augmented batch resized to ``image_size`` (FunMatch's consistent views). ``init_student`` starts the
-    student at the teacher's weights, PI-resized to the student's underlying sizes.
+    release name), or, with ``name=None``, a checkpoint of this project at ``init``. It runs at ``patch_size`` on its
+    own view of each training item: the student's crop and flip, resized from the source image to ``image_size``
+    (FunMatch's consistent views; None: the student's images), mixed like the student's. ``value_range`` is the
+    input range the teacher was trained with (e.g. "imagenet" for timm's DeiT-III; None: the student's
+    ``data.value_range``). ``init_student`` starts the student at the teacher's weights, PI-resized to the student's
+    underlying sizes.
     """
     return Config(
         name=name,
@@ -55,6 +60,7 @@ def distill_config(name=None, init=None, overrides=None, patch_size=None, image_
         overrides=overrides or {},
         patch_size=patch_size,
         image_size=image_size,
+        value_range=value_range,
         init_student=init_student,
     )
 

@@ -9,7 +9,8 @@ LayerScale is folded into the blocks when loading). On 8 GPUs:
 
 Recipe (big_vision): 90 epochs at batch 1024, Adam lr 1e-4 with 5k warmup steps and cosine decay, gradient clip
 1.0, mixup on every batch, student and teacher at 16x16 patches, the student at 240 px and initialised from the
-teacher (weight decay: see common.big_vision_distill_config).
+teacher, the teacher on its own 384 px resize of the student's crop, with its ImageNet normalisation (weight decay:
+see common.big_vision_distill_config).
 Expected (paper Fig. 2, 90 epochs for S): about 80 % top-1 at patch 16 for S and a smooth curve over patch sizes.
 """
 
@@ -24,8 +25,13 @@ def get_config(arg=None):
     variant = args.get("variant", "base")
     if args.get("runlocal"):  # the recipe's plumbing on the embedded data, seconds on a CPU
         return _runlocal(fashion_mnist_config("runlocal"))
+    # timm's DeiT-III weights expect ImageNet mean / std; the student sees [-1, 1] (big_vision's convention).
     teacher = distill_config(
-        name=f"vit_{variant}_patch16", patch_size=16, image_size=384, overrides=dict(posemb_grid=24)
+        name=f"vit_{variant}_patch16",
+        patch_size=16,
+        image_size=384,
+        value_range="imagenet",
+        overrides=dict(posemb_grid=24),
     )
     config = big_vision_distill_config(
         f"flexivit_{variant}",
@@ -44,6 +50,7 @@ def _runlocal(config):
         name="vit_mu_patch8",
         patch_size=8,
         image_size=32,
+        value_range="imagenet",
         overrides=dict(depth=1, width=32, num_heads=2, posemb_grid=4, num_classes=10),
     )
     config.train.mixup = 1.0

@@ -94,5 +94,21 @@ def _keys(node: Any) -> str:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(config.to_json() + "\n")
+    """Write the resolved config as JSON, atomically (a crash leaves the previous file whole)."""
+    from flexivit.checkpoint import atomic_write_text
+
+    atomic_write_text(path, config.to_json() + "\n")
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, "key: old -> new")`` for every leaf where two configs differ (compared as saved JSON)."""
+    old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, prefix=name + ".")
+        elif a != b:
+            out.append((name, f"{name}: {a!r} -> {b!r}"))
+    return out

@@ -1,4 +1,10 @@
-"""Data-parallel plumbing for ``torchrun``: gloo on CPU, NCCL on GPU; a no-op for a single process."""
+"""Data-parallel plumbing for ``torchrun``: gloo on CPU, NCCL on GPU; a no-op for a single process.
+
+Every collective of the engine and the evaluators goes through this module, which hands the backend tensors on its
+own device (:func:`collective_device`: the rank's GPU under NCCL, the CPU under gloo) and gives results back on the
+caller's device. NCCL refuses CPU tensors, so a metric sum built on the CPU would otherwise crash at step 0 of a
+multi-GPU run; here the callers need not know.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +24,18 @@ def init() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    global _OWN_GROUP
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _OWN_GROUP = True
     return rank, world, device
+
+
+_OWN_GROUP = False  # whether init() created the process group (then shutdown() destroys it)
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized()
 
 
 def is_main() -> bool:
@@ -35,33 +50,56 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def collective_device() -> torch.device:
+    """The device the process group's backend takes tensors on: this rank's GPU for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over processes (a copy; the input is untouched)."""
-    values = values.clone()
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``op`` ("sum" or "max") of a tensor over processes: a copy on ``values``' device; the input is untouched."""
+    out = values.detach().to(collective_device(), copy=True)
     if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return out.to(values.device)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes (a copy on its own device; the input is untouched)."""
+    return all_reduce(values, "sum")
+
+
+def all_gather(local: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``local`` (same shape on all ranks), in rank order, on ``local``'s device."""
+    if not dist.is_initialized():
+        return [local]
+    sent = local.detach().to(collective_device()).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(world_size())]
+    dist.all_gather(parts, sent)
+    return [part.to(local.device) for part in parts]
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Leave the process group if :func:`init` created it (a group the caller made is the caller's to destroy)."""
+    global _OWN_GROUP
+    if dist.is_initialized() and _OWN_GROUP:
         dist.destroy_process_group()
+        _OWN_GROUP = False
 
 
-def check_same_across_ranks(values: list[int], what: str) -> None:
+def check_same_across_ranks(values: list[float], what: str) -> None:
     """Raise if ``values`` differ between processes (min == max over ranks for every entry)."""
     if not dist.is_initialized():
         return
     local = torch.tensor(values, dtype=torch.float64)
-    high, low = local.clone(), -local.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MAX)
-    if not torch.equal(high, -low):
+    high, low = all_reduce(local, "max"), -all_reduce(-local, "max")
+    if not torch.equal(high, low):
         raise RuntimeError(f"{what} differs between processes: rank {dist.get_rank()} has {values}")
 
 

@@ -1,17 +1,19 @@
-"""Training checkpoints: model, optimiser, scheduler, scaler, step and RNG, written atomically, last K kept.
+"""Training checkpoints: model, optimiser, scheduler, scaler and step, written durably, last K kept.
 
-The data position needs no state of its own: the batches of step ``s`` are a function of ``(seed, s)``
-(tasks/common/loader.py), so the step is enough to resume the data stream exactly.
+Neither the data position nor the random state needs saving: the batches of step ``s`` are a function of
+``(seed, s)`` (tasks/common/loader.py) and every random draw of a step comes from the RNG the engine seeds with
+``(seed, step, rank)`` (tools/train.py), so the step is enough to resume exactly, on every rank.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
-from flexivit.checkpoint import atomic_write
+from flexivit.checkpoint import CheckpointError, atomic_write, torch_load
 
 _NAME = re.compile(r"ckpt_(\d+)\.pt$")
 
@@ -39,7 +41,10 @@ def resolve_checkpoint(path: str | Path) -> str:
 
 
 def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config, keep: int = 2) -> Path:
-    """Write ``checkpoints/ckpt_{step}.pt`` (temp file + rename) and delete all but the last ``keep``."""
+    """Write ``checkpoints/ckpt_{step}.pt`` durably (temp file, fsync, rename), then delete all but the last ``keep``.
+
+    Older checkpoints are deleted only once the new one is on disk, so a crash at any moment leaves a readable one.
+    """
     state = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_kwargs": dict(model.kwargs),
@@ -47,10 +52,6 @@ def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "step": step,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
         "config": config.to_json(),
     }
     path = Path(workdir) / "checkpoints" / f"ckpt_{step:08d}.pt"
@@ -62,12 +63,30 @@ def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config,
 
 def load_train_state(path, model, optimizer, scheduler, scaler) -> int:
     """Restore everything saved by :func:`save_train_state`; returns the step to continue from."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(path)
+    missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "step") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (it lacks {missing})")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"])
+
+
+def load_latest_train_state(workdir, model, optimizer, scheduler, scaler) -> tuple[Path, int] | None:
+    """Restore the newest readable checkpoint of ``workdir``: ``(its path, its step)``, or None when there is none.
+
+    A checkpoint that cannot be read (truncated by a full disk, damaged) is skipped with a warning naming it, and the
+    next older one is tried; if none is readable, the error names every file tried.
+    """
+    errors = []
+    for path in reversed(checkpoints(workdir)):
+        try:
+            return path, load_train_state(path, model, optimizer, scheduler, scaler)
+        except CheckpointError as e:
+            warnings.warn(f"cannot resume from {path}, trying the previous checkpoint: {e}", stacklevel=2)
+            errors.append(str(e))
+    if errors:
+        raise CheckpointError(f"no readable checkpoint in {Path(workdir) / 'checkpoints'}:\n  " + "\n  ".join(errors))
+    return None

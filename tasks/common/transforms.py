@@ -90,3 +90,73 @@ def eval_transform(
     else:
         resize = [v2.Resize(round(image_size / crop_ratio), antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose([v2.ToImage(), *resize, _to_channels(channels), *_to_float(value_range, channels)])
+
+
+class ConsistentViews:
+    """One random crop (and flip) of an image, resized to each of ``sizes``: FunMatch's consistent views.
+
+    A teacher that runs at another resolution than its student (a DeiT-III teacher at 384 px for a 240 px student)
+    gets its own resize of the very crop the student sees, instead of the student's image upsampled. Returns one
+    float (C, S, S) tensor per size, each in ``value_range``.
+    """
+
+    def __init__(
+        self,
+        sizes: tuple[int, ...],
+        *,
+        value_range: ValueRange = (-1.0, 1.0),
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
+        channels: int = 3,
+    ):
+        self.sizes, self.crop_scale, self.hflip = tuple(sizes), list(crop_scale), hflip
+        self.finish = v2.Compose([_to_channels(channels), *_to_float(value_range, channels)])
+
+    def __call__(self, image) -> tuple[torch.Tensor, ...]:
+        image = v2.functional.to_image(image)
+        # The parameters of v2.RandomResizedCrop, drawn once for all views (the default aspect-ratio range).
+        top, left, h, w = v2.RandomResizedCrop.get_params(image, self.crop_scale, [3 / 4, 4 / 3])
+        flip = self.hflip and torch.rand(1).item() < 0.5
+        views = []
+        for size in self.sizes:
+            view = v2.functional.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+            views.append(self.finish(v2.functional.horizontal_flip(view) if flip else view))
+        return tuple(views)
+
+
+def value_range_affine(source: ValueRange, target: ValueRange, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` such that ``target pixels = scale * source pixels + shift``."""
+
+    def from_unit(value_range) -> tuple[torch.Tensor, torch.Tensor]:  # [0, 1] pixels -> value_range: a * u + b
+        if value_range == "imagenet":
+            std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
+            return 1 / std, -mean / std
+        lo, hi = (float(v) for v in value_range)
+        return torch.full((channels,), hi - lo), torch.full((channels,), lo)
+
+    a_src, b_src = from_unit(source)
+    a_dst, b_dst = from_unit(target)
+    scale = a_dst / a_src
+    return scale, b_dst - scale * b_src
+
+
+class InputRenormalization(torch.nn.Module):
+    """Feeds ``model`` images in its own value range: ``model(scale * x + shift, ...)`` per channel.
+
+    For a teacher trained with other input statistics than its student (ImageNet mean / std vs [-1, 1]); exact at
+    every patch size, and one elementwise op per batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, source: ValueRange, target: ValueRange):
+        super().__init__()
+        self.model = model
+        scale, shift = value_range_affine(_as_range(source), _as_range(target))
+        self.register_buffer("scale", scale[:, None, None], persistent=False)
+        self.register_buffer("shift", shift[:, None, None], persistent=False)
+
+    def forward(self, images: torch.Tensor, *args, **kwargs):
+        return self.model(images * self.scale + self.shift, *args, **kwargs)
+
+
+def _as_range(value_range) -> ValueRange:
+    return tuple(value_range) if isinstance(value_range, list) else value_range

@@ -67,12 +67,14 @@ def _sample(dataset: ImageTextSet, n: int | None, seed: int = 0) -> ImageTextSet
     return dataset.subset(np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)))
 
 
-def build_datasets(data) -> tuple:
+def build_datasets(data, distill=None) -> tuple:
     """``(train pairs, train transform, EvalData, {"classnames": zero-shot class names})``.
 
     Training items are ``(image, encoded caption)``, one per (image, caption) pair; ``data.train_examples`` and
     ``data.val_examples`` keep a fixed random subset of images (with all their captions).
     """
+    if distill:
+        raise ValueError("the contrastive task has no distillation: set distill=None")
     value_range = tuple(data.value_range) if isinstance(data.value_range, list) else data.value_range
     train_tf = train_transform(
         data.image_size, crop_scale=tuple(data.crop_scale), hflip=data.hflip, value_range=value_range
@@ -120,8 +122,8 @@ def unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> torch.Tensor:
-    """The contrastive loss of one (micro-)batch of (image, caption) pairs, images encoded at ``patch_size``.
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
+    """``(loss, terms)``: the contrastive loss of one (micro-)batch of (image, caption) pairs, images at ``patch_size``.
 
     The patch size is the engine's: fixed for LiT / CLIP, drawn per step from ``(seed, step)`` for FlexiLiT /
     FlexiCLIP, the same on every rank. Negatives are the other pairs of the (global) batch.
@@ -131,7 +133,8 @@ def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> to
     images, captions = batch
     tokens = unwrap(net).tokenize(decode_captions(captions)).to(images.device, non_blocking=True)
     out = net(images, tokens, patch_size=patch_size)  # through the DDP wrapper, so that gradients are synchronised
-    return contrastive_loss(config.model.loss, **out)
+    loss = contrastive_loss(config.model.loss, **out)
+    return loss, {config.model.loss: loss, "logit_scale": out["logit_scale"].detach()}
 
 
 @torch.no_grad()

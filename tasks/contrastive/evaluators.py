@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch.utils.data import Dataset
@@ -145,8 +144,8 @@ def encode_images(
                 features[patch].append(model.encode_image(images, patch_size=patch, normalize=True).float().cpu())
         extras.append(torch.as_tensor(extra))
     n = len(dataset)
-    gathered = {p: _gather_interleaved(torch.cat(f), n, device) for p, f in features.items()}
-    return gathered, _gather_interleaved(torch.cat(extras), n, device)
+    gathered = {p: _gather_interleaved(torch.cat(f), n) for p, f in features.items()}
+    return gathered, _gather_interleaved(torch.cat(extras), n)
 
 
 @torch.no_grad()
@@ -160,7 +159,7 @@ def encode_texts(model, texts: Sequence[str], device, autocast_dtype=None, batch
     return torch.cat(out)
 
 
-def _gather_interleaved(local: torch.Tensor, total: int, device) -> torch.Tensor:
+def _gather_interleaved(local: torch.Tensor, total: int) -> torch.Tensor:
     """Rows ``rank, rank + world, ...`` from every rank (eval_loader's split) -> all ``total`` rows in order."""
     world = distributed.world_size()
     if world == 1:
@@ -168,7 +167,6 @@ def _gather_interleaved(local: torch.Tensor, total: int, device) -> torch.Tensor
     per_rank = -(-total // world)
     padded = local.new_zeros(per_rank, *local.shape[1:])
     padded[: len(local)] = local
-    parts = [torch.empty_like(padded, device=device) for _ in range(world)]
-    dist.all_gather(parts, padded.to(device))
+    parts = distributed.all_gather(padded)
     # Row k of rank r is item k * world + r; the padding lands at items >= total.
     return torch.stack(parts, 1).flatten(0, 1)[:total].cpu()

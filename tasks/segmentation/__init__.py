@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 import flexivit
 from tasks.common import distributed
 from tasks.common.loader import JointTransform
+from tasks.common.losses import consistency_loss
 from tasks.common.scenes import SceneSpec, write_cityscapes_style, write_scenes
 from tasks.common.train_state import resolve_checkpoint
 
@@ -73,8 +74,10 @@ def ensure_generated(name: str, root: str | Path, generate) -> None:
         write_cityscapes_style(scenes, root)
 
 
-def build_datasets(data) -> tuple:
+def build_datasets(data, distill=None) -> tuple:
     """``(train set, joint train transform, validation set with its eval transform applied, class names)``."""
+    if distill:
+        raise ValueError("segmentation has no distillation: set distill=None")
     ensure_generated(data.name, data.root, data.generate)
     options = dict(data.folder or {}, classes=data.classes)
     value_range = data.value_range if isinstance(data.value_range, str) else tuple(data.value_range)
@@ -139,8 +142,8 @@ def load_model(path: str | Path) -> Segmenter:
     return model
 
 
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> torch.Tensor:
-    """Per-pixel cross-entropy at ``patch_size``, ignoring 255 (padding and unlabelled pixels), in float32.
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
+    """``(loss, terms)``: per-pixel cross-entropy at ``patch_size``, ignoring 255 (padding, unlabelled), in float32.
 
     With ``train.consistency.weight`` the prediction at a second size drawn from ``(seed + 1, step)`` is also pulled
     towards the detached prediction at the training size (REFERENCE.md §12), per labelled pixel.
@@ -150,15 +153,20 @@ def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> to
     images, masks = batch
     logits = net(images, patch_size=patch_size).float()  # (B, K, H, W)
     loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    terms = {"ce": loss}
     consistency = config.train.consistency
     if consistency.weight:
-        other_size = flexivit.UniformSampler(consistency.sizes, seed=config.seed + 1)(step)
-        other = net(images, patch_size=other_size).float()
-        target = logits.detach().softmax(1)
-        per_pixel = -(target * other.log_softmax(1)).sum(1)  # (B, H, W)
-        valid = masks != IGNORE_INDEX
-        loss = loss + consistency.weight * per_pixel[valid].sum() / valid.sum().clamp(min=1)
-    return loss
+        terms["consistency"] = consistency_loss(
+            lambda size: net(images, patch_size=size),
+            logits,
+            consistency.sizes,
+            seed=config.seed,
+            step=step,
+            dim=1,
+            valid=masks != IGNORE_INDEX,
+        )
+        loss = loss + consistency.weight * terms["consistency"]
+    return loss, terms
 
 
 def _as_list(batch: list) -> list:
