@@ -344,9 +344,10 @@ def stored_sizes(sd: dict[str, torch.Tensor], meta: dict | None = None) -> dict[
 
 def _warn_resize(source: str, what: str, old, new) -> None:
     warnings.warn(
-        f"{source}: {what} resized {'x'.join(map(str, old))} -> {'x'.join(map(str, new))} on load. This is lossy: at "
-        "the checkpoint's own patch size the model no longer computes exactly what the checkpoint did. Load without "
-        "resize_to_model (and without base_patch_size / posemb_grid overrides) to keep the stored sizes.",
+        f"{source}: {what} resized {'x'.join(map(str, old))} -> {'x'.join(map(str, new))} to fit the model's "
+        "underlying sizes. This is lossy: at the checkpoint's own patch size the model no longer computes exactly what "
+        "the checkpoint did (create_model keeps the checkpoint's sizes unless resize_to_model=True or base_patch_size "
+        "/ posemb_grid are given).",
         stacklevel=3,
     )
 

@@ -223,7 +223,8 @@ def test_resize_to_model_is_explicit_and_warns(tmp_path):
     reference = timm_vit(16, no_embed_class=True)
     path = tmp_path / "t.pth"
     torch.save(reference.state_dict(), path)
-    with pytest.warns(UserWarning, match=r"t\.pth: patch-embedding kernel \(PI-resize\) resized 16x16 -> 32x32") as rec:
+    kernel_warning = r"t\.pth: patch-embedding kernel \(PI-resize\) resized 16x16 -> 32x32 to fit"
+    with pytest.warns(UserWarning, match=kernel_warning) as rec:
         model = flexivit.create_model(
             "flexivit_base", pretrained=path, resize_to_model=True, **SHAPE, gelu_approximate="none"
         )
