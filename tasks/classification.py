@@ -18,7 +18,7 @@ from tasks.common.datasets import build_dataset, class_subset, take
 from tasks.common.loader import JointTransform, eval_loader
 from tasks.common.losses import consistency_loss, distillation_loss, mix, mixed_cross_entropy, mixup_ratio
 from tasks.common.train_state import resolve_checkpoint
-from tasks.common.transforms import ConsistentViews, eval_transform, train_transform
+from tasks.common.transforms import ConsistentViews, as_value_range, eval_transform, train_transform
 
 
 def build_datasets(data, distill=None) -> tuple:
@@ -29,7 +29,7 @@ def build_datasets(data, distill=None) -> tuple:
     With a ``distill`` block whose teacher runs at another ``image_size``, every training item also carries the
     teacher's view: the same crop and flip resized to that size (``(image, teacher image, label)``).
     """
-    value_range = tuple(data.value_range) if isinstance(data.value_range, list) else data.value_range
+    value_range = as_value_range(data.value_range)
     teacher_size = distill.image_size if distill and distill.image_size not in (None, data.image_size) else None
     if teacher_size is None:
         train_tf = train_transform(

@@ -293,7 +293,8 @@ def _pivot(rows: list[dict]) -> str:
 REPORT = """# Small-scale reproduction
 
 Measured by `python -m tools.reproduce` on {device}:
-{minutes:.0f} minutes of training and evaluation. Seed {seed} for every run (`--seed`); differences of a point or two
+{minutes:.0f} minutes of training and evaluation summed over the runs of this report (the `--unseen-classes`
+rows included where present). Seed {seed} for every run (`--seed`); differences of a point or two
 are within noise. Models: width 128, depth 4, 2 heads
 ("flexivit_mu" at depth 4), 48 px Fashion-MNIST (real data, shipped offline), patch sizes 16, 12, 8, 6 and 4 (grids
 3 to 12) plus 24 (grid 2, never trained) in evaluation. Accuracies in %, on the 10,000 Fashion-MNIST test images (the

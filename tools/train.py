@@ -33,7 +33,7 @@ from tasks.common.config import Config, apply_overrides, config_differences, loa
 from tasks.common.loader import train_loader
 from tasks.common.optim import build_optimizer, build_scheduler, freeze
 from tasks.common.train_state import latest_checkpoint, load_latest_train_state, resolve_checkpoint, save_train_state
-from tasks.common.transforms import InputRenormalization
+from tasks.common.transforms import InputRenormalization, as_value_range
 from tasks.common.writers import MetricWriter
 
 
@@ -89,7 +89,7 @@ def build_teacher(distill, value_range, device) -> torch.nn.Module:
         teacher = flexivit.create_model(distill.name, pretrained=init, **(distill.overrides or {}))
     else:
         teacher = flexivit.load_model(resolve_checkpoint(distill.init))
-    if distill.value_range is not None:
+    if distill.value_range is not None and as_value_range(distill.value_range) != as_value_range(value_range):
         teacher = InputRenormalization(teacher, value_range, distill.value_range)
     return teacher.to(device).eval().requires_grad_(False)
 
@@ -127,7 +127,7 @@ def accumulate_gradients(net, loss_fn, batch: list[torch.Tensor], accum: int, *,
             (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
         total = loss.detach() / accum if total is None else total + loss.detach() / accum
         for key, value in terms.items():
-            metrics[key] = metrics.get(key, 0.0) + torch.as_tensor(value).detach().float() / accum
+            metrics[key] = metrics.get(key, 0.0) + torch.as_tensor(value, device=loss.device).detach().float() / accum
     return total, metrics
 
 

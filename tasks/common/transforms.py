@@ -150,7 +150,7 @@ class InputRenormalization(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, source: ValueRange, target: ValueRange):
         super().__init__()
         self.model = model
-        scale, shift = value_range_affine(_as_range(source), _as_range(target))
+        scale, shift = value_range_affine(as_value_range(source), as_value_range(target))
         self.register_buffer("scale", scale[:, None, None], persistent=False)
         self.register_buffer("shift", shift[:, None, None], persistent=False)
 
@@ -158,5 +158,6 @@ class InputRenormalization(torch.nn.Module):
         return self.model(images * self.scale + self.shift, *args, **kwargs)
 
 
-def _as_range(value_range) -> ValueRange:
+def as_value_range(value_range) -> ValueRange:
+    """A value range from a config (JSON gives lists back for tuples)."""
     return tuple(value_range) if isinstance(value_range, list) else value_range

@@ -23,7 +23,7 @@ import torch
 import flexivit
 from tasks.common.datasets import build_dataset, take
 from tasks.common.train_state import resolve_checkpoint
-from tasks.common.transforms import eval_transform, train_transform
+from tasks.common.transforms import as_value_range, eval_transform, train_transform
 
 from .data import CaptionPairs, ImageTextSet, decode_captions, read_karpathy, read_pairs_file, read_tar_shards
 from .evaluators import (
@@ -75,7 +75,7 @@ def build_datasets(data, distill=None) -> tuple:
     """
     if distill:
         raise ValueError("the contrastive task has no distillation: set distill=None")
-    value_range = tuple(data.value_range) if isinstance(data.value_range, list) else data.value_range
+    value_range = as_value_range(data.value_range)
     train_tf = train_transform(
         data.image_size, crop_scale=tuple(data.crop_scale), hflip=data.hflip, value_range=value_range
     )

@@ -27,6 +27,7 @@ from tasks.common.loader import JointTransform
 from tasks.common.losses import consistency_loss
 from tasks.common.scenes import SceneSpec, write_cityscapes_style, write_scenes
 from tasks.common.train_state import resolve_checkpoint
+from tasks.common.transforms import as_value_range
 
 from .data import IGNORE_INDEX, build_segmentation_dataset
 from .inference import InferenceSettings, predict
@@ -80,7 +81,7 @@ def build_datasets(data, distill=None) -> tuple:
         raise ValueError("segmentation has no distillation: set distill=None")
     ensure_generated(data.name, data.root, data.generate)
     options = dict(data.folder or {}, classes=data.classes)
-    value_range = data.value_range if isinstance(data.value_range, str) else tuple(data.value_range)
+    value_range = as_value_range(data.value_range)
     train_tf = TrainTransform(
         crop=data.image_size,
         scale=_pair_or_none(data.scale),
