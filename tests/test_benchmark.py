@@ -39,3 +39,13 @@ def test_compiled_flexible_training_builds_one_graph_per_patch_size(tmp_path):
     _, summary = benchmark.bench_compile("flexivit_mu", args, torch.device("cpu"), batch=2)
     assert summary["graphs_first_pass"] == summary["sizes"] == len(benchmark.QUICK["compile_patch_sizes"])
     assert summary["graphs_later"] == 0 and summary["graph_breaks"] == 0
+
+
+def test_index_cost_report_names_the_sampler_rows(tmp_path):
+    path = benchmark.main(["--index-cost", "--quick", "--out", str(tmp_path)])
+    text = path.read_text()
+    assert path == tmp_path / "benchmarks_index.md" and "--index-cost --quick" in text
+    rows = benchmark.bench_index(num_items=200_000, batch=64, steps=20)  # timings are reported, not asserted
+    assert [r["what"].split(" (")[0] for r in rows] == ["per step, drawn once per epoch", "first step of an epoch",
+                                                       "per step, drawn every step"]  # fmt: skip
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["MiB held"] == pytest.approx(200_000 * 16 / 2**20)
