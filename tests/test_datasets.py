@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from markers import needs_fashion_mnist
 from PIL import Image
 
@@ -340,11 +341,17 @@ def test_train_transform_shape_and_range():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
-    t = train_transform(16, randaugment=True)
-    for _ in range(10):
+    t, plain = train_transform(16, randaugment=True), train_transform(16, randaugment=False)
+    changed = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
         out = t(image)
         assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.shape == (3, 16, 16)
         assert out.min() >= -1.0 and out.max() <= 1.0
+        # The same seed draws the same crop and flip first, so RandAugment's two ops are all that differs.
+        torch.manual_seed(seed)
+        changed += not torch.equal(plain(image), out)
+    assert changed >= 5  # RandAugment applied (an op can be the identity or leave a random image unchanged)
 
 
 def test_train_transform_maps_black_and_white_to_range_ends():
@@ -399,7 +406,13 @@ def test_eval_transform_centre_crop_geometry():
 def test_transform_with_dataset_end_to_end():
     ds = D.build_dataset("mnist5k", "test", transform=eval_transform(32, crop_ratio=1.0))
     image, label = ds[0]
-    assert image.shape == (3, 32, 32) and -1.0 <= image.min() and image.max() <= 1.0 and label == 0
+    assert image.shape == (3, 32, 32) and label == 0  # the file is sorted by digit
+    # The stored 28x28 digit, resized by half-pixel bilinear in float and mapped to [-1, 1], on all three channels;
+    # torchvision resizes uint8 in fixed point, so allow one grey level.
+    raw = torch.from_numpy(ds.images[0]).double()[None, None]
+    want = F.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False)[0] / 255 * 2 - 1
+    torch.testing.assert_close(image.double(), want.expand(3, -1, -1), rtol=0, atol=1.01 * 2 / 255)
+    assert image.min() == -1.0 and image.max() > 0.9  # black background, bright strokes
 
 
 def test_bad_transform_arguments():

@@ -109,11 +109,19 @@ def test_inference_path_equals_autograd_path(images):
 
 
 def test_stochastic_depth_still_applies_without_autograd(images):
-    # drop_path in training mode under no_grad (e.g. a teacher left in train mode) keeps its randomness.
+    # drop_path in training mode under no_grad (e.g. a teacher left in train mode) keeps its randomness: from the
+    # same seed, the very draws of the autograd path.
     model = _model(drop_path_rate=0.5).train()
-    with torch.no_grad():
-        outs = [model(images, patch_size=16) for _ in range(4)]
+    twins = images[:1].expand(2, -1, -1, -1)  # one image twice: only per-sample drops tell the two apart
+    outs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            outs.append(model(twins, patch_size=16))
+        torch.manual_seed(seed)
+        torch.testing.assert_close(outs[-1], model(twins, patch_size=16).detach(), rtol=0, atol=1e-6)
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    assert any(not torch.allclose(o[0], o[1]) for o in outs)  # dropped per sample, not for the whole batch
 
 
 @pytest.mark.parametrize("patch", [48, 40, (48, 40)])

@@ -1,6 +1,6 @@
 """Generated scenes (tasks/common/scenes.py): deterministic, labels consistent across formats, and readable by the
-real tools — pycocotools, lvis, the panoptic PNG format (panopticapi when installed) and our segmentation reader —
-with perfect predictions scoring AP = 1, PQ = 1 and mIoU = 1."""
+real tools — pycocotools, lvis, the panoptic PNG format (panopticapi when installed) and our segmentation reader.
+Perfect detections score AP = 1; predictions with known errors score the mIoU and PQ of their definitions."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 from markers import needs_fashion_mnist
 from PIL import Image
+from scipy import ndimage
 
 from tasks.common import scenes
 from tasks.segmentation.data import build_segmentation_dataset
@@ -75,16 +76,70 @@ def test_every_pixel_has_one_label_and_items_are_things(root):
     assert kinds == {0, 1}
 
 
-def test_ade_layout_reads_back_and_perfect_predictions_score_miou_1(root):
+def test_ade_layout_reads_back_the_generator_labels_reduced_by_one(root):
     dataset = build_segmentation_dataset("ade20k", "validation", root)
     assert dataset.classes == list(scenes.CLASSES) and len(dataset) == 8
-    confusion = 0
-    for _image, mask in dataset:
-        assert mask.max() < len(scenes.CLASSES) or 255 in mask  # ids reduced by one, 0 -> 255
-        mask = torch.from_numpy(mask)
-        confusion = confusion + confusion_matrix(mask.clone(), mask, len(scenes.CLASSES))
-    metrics = segmentation_metrics(confusion)
-    assert metrics["mIoU"] == metrics["aAcc"] == 1.0
+    items = scenes.build_dataset("fashion_mnist", "test")
+    seen = set()
+    for (_, mask_path), (_image, mask) in zip(dataset.pairs, dataset, strict=True):
+        stored = np.asarray(Image.open(mask_path)).astype(np.int64)
+        np.testing.assert_array_equal(mask, np.where(stored == 0, 255, stored - 1))  # ids reduced by one, 0 -> 255
+        # The generator's own record of the scene: each visible region is its category's class (id - 1), the
+        # pixels of no region (item rims) are ignored.
+        index = int(mask_path.stem.removeprefix("scene_"))
+        scene = scenes.compose_scene(scenes.scene_rng(3, "val", index), items.images, items.targets, SPEC)
+        expected = np.full(mask.shape, 255)
+        for category, region in scene.things + scene.stuff:
+            assert (expected[region] == 255).all()  # regions do not overlap
+            expected[region] = category - 1
+        np.testing.assert_array_equal(mask, expected)
+        seen |= set(np.unique(mask).tolist())
+    k = len(scenes.CLASSES)
+    assert seen <= set(range(k)) | {255} and {k - 2, k - 1, 255} <= seen and seen & set(range(k - 2))
+
+
+def numpy_iou(preds: list, labels: list, k: int) -> tuple[np.ndarray, float]:
+    """Per-class IoU over a set of masks and the pixel accuracy, from the definitions; label 255 is left out."""
+    inter, union = np.zeros(k), np.zeros(k)
+    correct = labelled = 0
+    for p, t in zip(preds, labels, strict=True):
+        valid = t != 255
+        for c in range(k):
+            inter[c] += np.sum((p == c) & (t == c) & valid)
+            union[c] += np.sum(((p == c) | (t == c)) & valid)
+        correct, labelled = correct + np.sum((p == t) & valid), labelled + valid.sum()
+    with np.errstate(invalid="ignore"):
+        return inter / union, correct / labelled  # 0 / 0 = NaN: neither labelled nor predicted
+
+
+def scene_metrics(preds: list, labels: list) -> dict:
+    confusion = sum(confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), len(scenes.CLASSES))
+                    for p, t in zip(preds, labels, strict=True))  # fmt: skip
+    return segmentation_metrics(confusion, scenes.CLASSES)
+
+
+def test_miou_of_perturbed_scene_predictions_matches_the_definition(root):
+    labels = [mask for _, mask in build_segmentation_dataset("ade20k", "validation", root)]
+    k, rng = len(scenes.CLASSES), np.random.default_rng(0)
+    # Shifted by two columns, 10% of pixels replaced by random classes, random classes where the label is ignored.
+    preds = []
+    for t in labels:
+        p = np.roll(np.where(t == 255, rng.integers(0, k, t.shape), t), 2, axis=1)
+        preds.append(np.where(rng.random(t.shape) < 0.1, rng.integers(0, k, t.shape), p))
+    ours = scene_metrics(preds, labels)
+    iou, aacc = numpy_iou(preds, labels, k)
+    np.testing.assert_allclose(list(ours["IoU"].values()), iou, rtol=1e-12)
+    assert 0.2 < ours["mIoU"] < 0.95 and ours["mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-12)
+    assert ours["aAcc"] == pytest.approx(aacc, abs=1e-12)
+    # Wall predicted as floor, all else right: wall IoU 0, floor IoU = floor / (floor + wall) pixels.
+    wall, floor = scenes.WALL_ID - 1, scenes.FLOOR_ID - 1
+    ours = scene_metrics([np.where(t == wall, floor, t) for t in labels], labels)
+    n_wall, n_floor = sum((t == wall).sum() for t in labels), sum((t == floor).sum() for t in labels)
+    n_valid = sum((t != 255).sum() for t in labels)
+    assert ours["IoU"]["wall"] == 0.0 and ours["IoU"]["floor"] == pytest.approx(n_floor / (n_floor + n_wall))
+    assert ours["aAcc"] == pytest.approx(1 - n_wall / n_valid)
+    present = [c for c in scenes.CLASSES[:-2] if not np.isnan(ours["IoU"][c])]
+    assert present and all(ours["IoU"][c] == 1.0 for c in present)
 
 
 def perfect_detections(coco_json: dict) -> list[dict]:
@@ -135,9 +190,10 @@ def test_lvis_json_loads_with_lvis_and_perfect_detections_score_ap_1(root, monke
         assert evaluator.results["AP"] == pytest.approx(1.0), iou_type
 
 
-def minimal_pq(gt_json: dict, gt_dir: Path, pred_json: dict, pred_dir: Path) -> float:
-    """PQ (Kirillov et al.) from the definition: segments match at IoU > 0.5 within a category, void excluded."""
-    stats = defaultdict(lambda: np.zeros(4))  # per category: IoU sum, TP, FP, FN
+def minimal_pq_stats(gt_json: dict, gt_dir: Path, pred_json: dict, pred_dir: Path) -> dict:
+    """PQ's per-category (IoU sum, TP, FP, FN) from the definition (Kirillov et al.): segments match at IoU > 0.5
+    within a category, void excluded."""
+    stats = defaultdict(lambda: np.zeros(4))
     predictions = {a["image_id"]: a for a in pred_json["annotations"]}
     for gt_ann in gt_json["annotations"]:
         pred_ann = predictions[gt_ann["image_id"]]
@@ -163,31 +219,92 @@ def minimal_pq(gt_json: dict, gt_dir: Path, pred_json: dict, pred_dir: Path) -> 
             on_void = np.sum((pred_ids == p) & (gt_ids == 0)) / np.sum(pred_ids == p)
             if p not in matched_pred and on_void <= 0.5:
                 stats[p_cat][2] += 1
-    return float(np.mean([s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3]) for s in stats.values()]))
+    return dict(stats)
 
 
-def test_panoptic_perfect_predictions_score_pq_1(root, tmp_path):
+def pq(stats: dict, categories=None) -> float:
+    """The mean over categories (all, or those in ``categories``) of IoU sum / (TP + FP / 2 + FN / 2)."""
+    return float(np.mean([iou / (tp + fp / 2 + fn / 2) for c, (iou, tp, fp, fn) in stats.items()
+                          if categories is None or c in categories]))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def degraded(root, tmp_path_factory) -> tuple[dict, Path, dict]:
+    """Predictions with known errors, and the per-category (IoU sum, TP, FP, FN) they must score.
+
+    Image 0 misses its first segment (a FN); image 1 leaves the first 30% of its largest segment's pixels void
+    (still a TP, IoU = 0.7); image 2 gives its first thing another category (a FN in one category, a FP in another);
+    image 3 grows its first thing over the void pixels next to it and predicts a segment made of the remaining void
+    pixels, which PQ ignores (IoU still 1, no FP).
+    """
     gt_json, gt_dir = load(root / "panoptic/panoptic_val.json"), root / "panoptic/panoptic_val"
-    assert minimal_pq(gt_json, gt_dir, gt_json, gt_dir) == pytest.approx(1.0)
-    # Drop one segment from the predictions: PQ must fall.
-    pred_dir = tmp_path / "pred"
+    pred_dir = tmp_path_factory.mktemp("pred") / "panoptic_pred"
     shutil.copytree(gt_dir, pred_dir)
     pred_json = json.loads(json.dumps(gt_json))
-    ann = pred_json["annotations"][0]
-    dropped = ann["segments_info"].pop(0)
-    ids = scenes.panoptic_ids(np.asarray(Image.open(pred_dir / ann["file_name"])))
-    Image.fromarray(scenes.panoptic_rgb(np.where(ids == dropped["id"], 0, ids))).save(pred_dir / ann["file_name"])
-    degraded = minimal_pq(gt_json, gt_dir, pred_json, pred_dir)
-    assert degraded < 1.0
-    try:
-        from panopticapi.evaluation import pq_compute
-    except ImportError:
-        return  # optional (pip install --no-deps panopticapi-lite); the minimal PQ above stands in for it
-    gt_path = str(root / "panoptic/panoptic_val.json")
-    assert pq_compute(gt_path, gt_path, str(gt_dir), str(gt_dir))["All"]["pq"] == pytest.approx(1.0)
-    (tmp_path / "pred.json").write_text(json.dumps(pred_json))
-    result = pq_compute(gt_path, str(tmp_path / "pred.json"), str(gt_dir), str(pred_dir))
-    assert result["All"]["pq"] == pytest.approx(degraded, abs=1e-9)
+    expected = defaultdict(lambda: np.zeros(4))
+    for ann in gt_json["annotations"]:
+        for s in ann["segments_info"]:
+            expected[s["category_id"]] += [1, 1, 0, 0]
+    missed, partial, relabelled = pred_json["annotations"][:3]
+    dropped = missed["segments_info"].pop(0)
+    ids = scenes.panoptic_ids(np.asarray(Image.open(pred_dir / missed["file_name"])))
+    Image.fromarray(scenes.panoptic_rgb(np.where(ids == dropped["id"], 0, ids))).save(pred_dir / missed["file_name"])
+    expected[dropped["category_id"]] += [-1, -1, 0, 1]
+    largest = max(partial["segments_info"], key=lambda s: s["area"])
+    ids = scenes.panoptic_ids(np.asarray(Image.open(pred_dir / partial["file_name"])))
+    cut = int(0.3 * largest["area"])
+    ids.ravel()[np.flatnonzero(ids == largest["id"])[:cut]] = 0
+    Image.fromarray(scenes.panoptic_rgb(ids)).save(pred_dir / partial["file_name"])
+    expected[largest["category_id"]][0] -= cut / largest["area"]
+    thing = next(s for s in relabelled["segments_info"] if s["category_id"] <= len(scenes.THING_CLASSES))
+    old, thing["category_id"] = thing["category_id"], thing["category_id"] % len(scenes.THING_CLASSES) + 1
+    expected[old] += [-1, -1, 0, 1]
+    expected[thing["category_id"]] += [0, 0, 1, 0]
+    on_void = pred_json["annotations"][3]
+    ids = scenes.panoptic_ids(np.asarray(Image.open(pred_dir / on_void["file_name"])))
+    grown = on_void["segments_info"][0]
+    rim = ndimage.binary_dilation(ids == grown["id"]) & (ids == 0)
+    ids[rim] = grown["id"]
+    assert rim.any() and (ids == 0).any()
+    ids[ids == 0] = 999
+    on_void["segments_info"].append({"id": 999, "category_id": 1, "iscrowd": 0})
+    Image.fromarray(scenes.panoptic_rgb(ids)).save(pred_dir / on_void["file_name"])
+    (pred_dir.parent / "panoptic_pred.json").write_text(json.dumps(pred_json))
+    return pred_json, pred_dir, dict(expected)
+
+
+def assert_same_stats(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for c in want:
+        np.testing.assert_allclose(got[c], want[c], rtol=0, atol=1e-12, err_msg=f"category {c}")
+
+
+def test_panoptic_pq_from_the_definition_scores_known_errors(root, degraded):
+    gt_json, gt_dir = load(root / "panoptic/panoptic_val.json"), root / "panoptic/panoptic_val"
+    perfect = minimal_pq_stats(gt_json, gt_dir, gt_json, gt_dir)
+    assert pq(perfect) == 1.0 and all(iou == tp and fp == fn == 0 for iou, tp, fp, fn in perfect.values())
+    pred_json, pred_dir, expected = degraded
+    stats = minimal_pq_stats(gt_json, gt_dir, pred_json, pred_dir)
+    assert_same_stats(stats, expected)
+    assert pq(stats) < 1.0
+
+
+def test_panoptic_pq_matches_panopticapi(root, degraded):
+    evaluation = pytest.importorskip(
+        "panopticapi.evaluation", reason="panopticapi not installed (pip install --no-deps panopticapi-lite)"
+    )
+    gt_path, gt_dir = str(root / "panoptic/panoptic_val.json"), str(root / "panoptic/panoptic_val")
+    assert evaluation.pq_compute(gt_path, gt_path, gt_dir, gt_dir)["All"]["pq"] == pytest.approx(1.0, abs=1e-12)
+    pred_json, pred_dir, expected = degraded
+    result = evaluation.pq_compute(gt_path, str(pred_dir.parent / "panoptic_pred.json"), gt_dir, str(pred_dir))
+    categories = {c["id"]: c["isthing"] for c in load(root / "panoptic/panoptic_val.json")["categories"]}
+    assert result["All"]["n"] == len(expected)
+    for name, subset in (("All", None), ("Things", {c for c, t in categories.items() if t}),
+                         ("Stuff", {c for c, t in categories.items() if not t})):  # fmt: skip
+        assert result[name]["pq"] == pytest.approx(pq(expected, subset), abs=1e-12), name
+    for c, (iou, tp, fp, fn) in expected.items():
+        assert result["per_class"][c]["pq"] == pytest.approx(iou / (tp + fp / 2 + fn / 2), abs=1e-12), c
+        assert result["per_class"][c]["rq"] == pytest.approx(tp / (tp + fp / 2 + fn / 2), abs=1e-12), c
 
 
 def test_cityscapes_layout_copy_reads_back_as_train_ids(root, tmp_path):
