@@ -32,7 +32,7 @@ def engine_config() -> Config:
             steps=1000,
             batch_size=512,
             precision="fp32",  # fp32 | bf16 | fp16 (GPU only)
-            # Consistency across patch sizes while training at one (REFERENCE.md §12): weight * CE(prediction at a
+            # Consistency across patch sizes while training at one (docs/reference.md §12): weight * CE(prediction at a
             # size drawn from `sizes`, detached prediction at the training size). 0 = off. A second forward and
             # backward per step. Classification and segmentation read it.
             consistency=dict(weight=0.0, sizes=[]),

@@ -29,7 +29,7 @@ import torch
 from .model import FlexiViT
 from .pi_resize import pi_resize_patch_embed, resize_posemb, to_2tuple
 
-# Official big_vision releases (paper Sec. 3, Table 1; REFERENCE.md §4). Underlying sizes: 32x32 kernel, 7x7 posemb;
+# Official big_vision releases (paper Sec. 3, Table 1; docs/reference.md §4). Underlying sizes: 32x32 kernel, 7x7 posemb;
 # inputs are 240 px in [-1, 1].
 _BUCKET = "https://storage.googleapis.com/big_vision/flexivit/"
 RELEASES: dict[str, dict] = {
@@ -323,7 +323,7 @@ def _has_class_posemb(n: int, has_class_token: bool) -> bool:
 def stored_sizes(sd: dict[str, torch.Tensor], meta: dict | None = None) -> dict[str, tuple[int, int]]:
     """The underlying sizes a checkpoint stores: ``{"base_patch_size": (h, w), "posemb_grid": (gh, gw)}``.
 
-    Read from the file itself (REFERENCE.md §4: never trust a config name): the kernel's shape, and the position
+    Read from the file itself (docs/reference.md §4: never trust a config name): the kernel's shape, and the position
     embedding's length without a class-token entry, which must be a square unless the file is one of ours (its
     ``model_kwargs`` then name the grid, which may be non-square). A size that cannot be read is left out.
     """

@@ -1,4 +1,4 @@
-"""Write big_vision-format checkpoints with random weights, in the layout of REFERENCE.md §4 (flax shapes)."""
+"""Write big_vision-format checkpoints with random weights, in the layout of docs/reference.md §4 (flax shapes)."""
 
 import numpy as np
 

@@ -30,7 +30,7 @@ def npz_path(tmp_path_factory):
 
 
 def ours(path, **kw):
-    # The exact (erf) GELU for parity with timm, which uses it also for these files (REFERENCE.md §4).
+    # The exact (erf) GELU for parity with timm, which uses it also for these files (docs/reference.md §4).
     return flexivit.create_model("flexivit_base", pretrained=path, **SHAPE, gelu_approximate="none", **kw).eval()
 
 

@@ -8,7 +8,7 @@ Arguments: ``dataset=`` one of DATASETS; ``patch=P`` fixed transfer at patch siz
 P=30, evaluated at every size), or ``flexi`` for flexified transfer (a random size per step, Sec. 5.1);
 ``lr=`` for the paper's small learning-rate sweep; ``runlocal`` for a CPU smoke test on Fashion-MNIST.
 
-Recipe (REFERENCE.md §6): SGD with momentum 0.9, no weight decay, cosine decay after a linear warmup, gradient
+Recipe (docs/reference.md §6): SGD with momentum 0.9, no weight decay, cosine decay after a linear warmup, gradient
 clipping at 1.0, batch 512, a fresh zero-initialised head; step counts follow the BiT-HyperRule by dataset size.
 """
 

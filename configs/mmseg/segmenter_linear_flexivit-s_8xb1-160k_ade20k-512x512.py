@@ -1,4 +1,4 @@
-# Segmenter-Linear with a FlexiViT-S backbone on ADE20k, in mmsegmentation 1.x (paper Sec. 4; REFERENCE.md §9).
+# Segmenter-Linear with a FlexiViT-S backbone on ADE20k, in mmsegmentation 1.x (paper Sec. 4; docs/reference.md §9).
 # Same recipe as mmseg's segmenter_vit-s_fcn_8xb1-160k_ade20k-512x512 (45.75 mIoU with ViT-S/16), the ViT replaced by
 # a FlexiViT trained with a random patch size per iteration and tested at `test_patch_size`:
 #

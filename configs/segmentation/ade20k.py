@@ -9,7 +9,7 @@ Arguments: ``fixed=P`` fixed transfer at patch size P (evaluated at all sizes: f
 ``crop=480`` trains and slides 480 px windows, which every paper patch size tiles (512 is tiled by 16 and 8 only, the
 others are padded); ``runlocal`` a CPU smoke run on generated scenes in the ADE20k layout.
 
-Recipe (REFERENCE.md §9, mmseg segmenter_vit-s 512x512 160k / Segmenter): crop 512, batch 8, 160k iterations
+Recipe (docs/reference.md §9, mmseg segmenter_vit-s 512x512 160k / Segmenter): crop 512, batch 8, 160k iterations
 (Segmenter: 64 epochs), SGD 0.001 with momentum 0.9, no weight decay, poly 0.9, drop path 0.1, random resize of
 (2048, 512) by 0.5-2.0, sliding window 512 / stride 512. Reference: Segmenter-Linear ViT-S/16 45.75 mIoU (mmseg).
 """

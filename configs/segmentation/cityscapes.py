@@ -10,7 +10,7 @@ official ``*_gtFine_labelIds.png`` are mapped to train ids with the standard tab
 Arguments: ``fixed=P`` fixed transfer at patch size P; ``runlocal`` a CPU smoke run on generated scenes written in
 the Cityscapes layout (label ids, converted on reading).
 
-Recipe (Segmenter's Cityscapes setting, REFERENCE.md §9): crop 768, batch 8, 80k iterations (216 epochs), SGD 0.01
+Recipe (Segmenter's Cityscapes setting, docs/reference.md §9): crop 768, batch 8, 80k iterations (216 epochs), SGD 0.01
 with momentum 0.9, no weight decay, poly 0.9, random resize of (2048, 1024) by 0.5-2.0, images evaluated at
 2048x1024 with a sliding window of 768 / stride 512. 768 is tiled by 48, 24, 16, 12 and 8; other sizes are padded.
 """

@@ -1,7 +1,7 @@
 """The full set of segmentation config keys with their defaults (the ADE20k recipe); dataset configs change the rest.
 
 Every key a config may set exists here, so ``--set`` can reject typos (tasks/common/config.py).
-Recipe (Segmenter / mmseg, REFERENCE.md §9): SGD momentum 0.9, no weight decay, poly decay (power 0.9), batch 8,
+Recipe (Segmenter / mmseg, docs/reference.md §9): SGD momentum 0.9, no weight decay, poly decay (power 0.9), batch 8,
 random resize 0.5-2.0 + crop + flip + photometric jitter, sliding-window evaluation at the crop size.
 """
 

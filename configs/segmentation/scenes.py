@@ -19,7 +19,7 @@ jitter, poly schedule.
 
 Backbone: the classification main job's FlexiViT-mu (``runs/fashion_mnist``: depth 4, 16x16 kernel, 7x7 posemb,
 trained flexibly on 48 px Fashion-MNIST; ``bash tools/main.sh`` makes it). It already knows the items and is
-flexible, which is what fast transfer needs (REFERENCE.md §12). In 600-step probes it beat a random initialisation at
+flexible, which is what fast transfer needs (docs/reference.md §12). In 600-step probes it beat a random initialisation at
 every size (mIoU p16 / p8 / p4: .182 / .209 / .208 vs .163 / .176 / .163), and a fixed-size run from scratch could not
 be expected to transfer across sizes at all (paper Fig. 3).
 

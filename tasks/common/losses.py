@@ -67,7 +67,7 @@ def consistency_loss(
     dim: int = -1,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Keep the patch sizes consistent while training at one of them (REFERENCE.md §12).
+    """Keep the patch sizes consistent while training at one of them (docs/reference.md §12).
 
     ``forward(p)`` predicts at a second size ``p`` drawn from ``sizes`` with the sampler seeded by ``(seed + 1,
     step)`` (independent of the training size's own draw, identical on every rank); its prediction is pulled towards

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules of the paper's recipes (Appendix D; REFERENCE.md §6, §9).
+"""Optimisers and learning-rate schedules of the paper's recipes (Appendix D; docs/reference.md §6, §9).
 
 Parameter groups come from regular expressions on parameter names: ``frozen`` patterns get no gradients,
 ``lr_mults`` patterns scale the learning rate. Norm scales, biases, position embeddings and class tokens get

@@ -1,4 +1,4 @@
-"""Scenes composed from real Fashion-MNIST items, written in the real dense-task formats (ARCHITECTURE.md, "Real data").
+"""Scenes composed from real Fashion-MNIST items, written in the real dense-task formats (README, "Set-up": the datasets that ship offline).
 
 Dense tasks need more than the three labelme photos to train on a CPU, and nothing may be downloaded here. So a
 scene pastes several real Fashion-MNIST items (train items for the training split, test items for validation) at
@@ -63,7 +63,7 @@ class SceneSpec:
     floor_prob: float = 0.8  # scenes with a floor region below a random horizon; the rest are all wall
     class_weights: tuple[float, ...] | None = None  # thing-class sampling weights (None: uniform), e.g. a long tail
     # Colours (HSV value / saturation ranges). Dark backgrounds and bright items keep the items as Fashion-MNIST shows
-    # them (bright on black), so that a backbone trained on Fashion-MNIST transfers in-domain (REFERENCE.md §12).
+    # them (bright on black), so that a backbone trained on Fashion-MNIST transfers in-domain (docs/reference.md §12).
     background_value: tuple[float, float] = (0.0, 0.3)
     item_saturation: tuple[float, float] = (0.0, 0.5)
 

@@ -147,7 +147,7 @@ def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tu
     """``(loss, terms)``: per-pixel cross-entropy at ``patch_size``, ignoring 255 (padding, unlabelled), in float32.
 
     With ``train.consistency.weight`` the prediction at a second size drawn from ``(seed + 1, step)`` is also pulled
-    towards the detached prediction at the training size (REFERENCE.md §12), per labelled pixel.
+    towards the detached prediction at the training size (docs/reference.md §12), per labelled pixel.
     """
     if teacher is not None:
         raise ValueError("segmentation has no distillation: set distill=None")

@@ -1,4 +1,4 @@
-"""Segmenter's linear decoder on a FlexiViT backbone (paper Sec. 4; Strudel et al. 2021; REFERENCE.md §9).
+"""Segmenter's linear decoder on a FlexiViT backbone (paper Sec. 4; Strudel et al. 2021; docs/reference.md §9).
 
 How a dense head reads the backbone, for every dense task here: the backbone returns ``tokens`` (B, N, D), the
 patch tokens after the final norm with the class token already dropped, and ``grid`` (gh, gw) for this call; the
@@ -63,7 +63,7 @@ class LinearDecoder(nn.Module):
 class Segmenter(nn.Module):
     """Backbone + linear decoder: ``forward(images, patch_size=p)`` -> logits (B, K, H, W) at the input size.
 
-    Steps (REFERENCE.md §9): pad the input to a multiple of ``p``; encode; decode on the token grid; upsample the
+    Steps (docs/reference.md §9): pad the input to a multiple of ``p``; encode; decode on the token grid; upsample the
     logits bilinearly to the padded size; cut off the padding. ``inference`` holds the evaluation settings
     (whole image or sliding window, flip, scales), as mmseg's ``test_cfg`` does; see :mod:`.inference`.
     """
