@@ -29,8 +29,8 @@ import torch
 from .model import FlexiViT
 from .pi_resize import pi_resize_patch_embed, resize_posemb, to_2tuple
 
-# Official big_vision releases (paper Sec. 3, Table 1; docs/reference.md §4). Underlying sizes: 32x32 kernel, 7x7 posemb;
-# inputs are 240 px in [-1, 1].
+# Official big_vision releases (paper Sec. 3, Table 1; docs/reference.md §4). Underlying sizes: 32x32 kernel, 7x7
+# posemb; inputs are 240 px in [-1, 1].
 _BUCKET = "https://storage.googleapis.com/big_vision/flexivit/"
 RELEASES: dict[str, dict] = {
     **{

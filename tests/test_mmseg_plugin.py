@@ -101,7 +101,7 @@ def test_scenes_config_trains_resumes_and_evaluates_with_the_runner(tmp_path, mo
 
     from tasks.common import scenes
 
-    # mmengine 0.10.7 resumes with a plain torch.load, which torch >= 2.6 refuses without this (docs/segmentation.md, mmseg notes).
+    # mmengine 0.10.7 resumes with a plain torch.load, which torch >= 2.6 refuses without this (docs/segmentation.md).
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     root = tmp_path / "scenes"
     scenes.write_scenes(root, num_train=6, num_val=3, seed=0, spec=scenes.SceneSpec(size=96))

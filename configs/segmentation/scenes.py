@@ -19,9 +19,9 @@ jitter, poly schedule.
 
 Backbone: the classification main job's FlexiViT-mu (``runs/fashion_mnist``: depth 4, 16x16 kernel, 7x7 posemb,
 trained flexibly on 48 px Fashion-MNIST; ``bash tools/main.sh`` makes it). It already knows the items and is
-flexible, which is what fast transfer needs (docs/reference.md §12). In 600-step probes it beat a random initialisation at
-every size (mIoU p16 / p8 / p4: .182 / .209 / .208 vs .163 / .176 / .163), and a fixed-size run from scratch could not
-be expected to transfer across sizes at all (paper Fig. 3).
+flexible, which is what fast transfer needs (docs/reference.md §12). In 600-step probes it beat a random
+initialisation at every size (mIoU p16 / p8 / p4: .182 / .209 / .208 vs .163 / .176 / .163), and a fixed-size run
+from scratch could not be expected to transfer across sizes at all (paper Fig. 3).
 
 Measured (one seed, 2 CPU cores, docs/segmentation.md): mIoU at 16 / 12 / 8 / 6 / 4, flexified .195 / .209 / .216 /
 .214 / .217 (7 min); fixed at 16 .217 / .227 / .209 / .139 / .102 (3 min).

@@ -1,4 +1,4 @@
-"""Scenes composed from real Fashion-MNIST items, written in the real dense-task formats (README, "Set-up": the datasets that ship offline).
+"""Scenes composed from real Fashion-MNIST items, written in the real dense-task formats (README, "Set-up").
 
 Dense tasks need more than the three labelme photos to train on a CPU, and nothing may be downloaded here. So a
 scene pastes several real Fashion-MNIST items (train items for the training split, test items for validation) at
