@@ -73,7 +73,8 @@ def resolve_config(args) -> Config:
             raise SystemExit(
                 f"--resume: the config differs from the one saved in {saved_path}:\n  "
                 + "\n  ".join(differences)
-                + "\nResume without --config to continue the saved run, or change such keys explicitly with --set."
+                + "\nResume without --config to continue the saved run, change such keys explicitly with --set, or "
+                "start the new config in a new --workdir."
             )
     return config
 
