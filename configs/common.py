@@ -42,7 +42,8 @@ def engine_config() -> Config:
             ckpt_every=500,
             keep_ckpts=2,
         ),
-        eval=dict(every=0, patch_sizes=list(PAPER_PATCH_SIZES), batch_size=256),
+        # final: evaluate once training ends (off where tools.eval follows with its own sweep, as in tools/main.sh).
+        eval=dict(every=0, final=True, patch_sizes=list(PAPER_PATCH_SIZES), batch_size=256),
         # Knowledge distillation (Sec. 3.5): a frozen teacher; see configs.classification.common.distill_config.
         distill=None,
     )

@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 workdir=${1:-runs/fashion_mnist}
 bash tools/setup.sh
-.venv/bin/python -m tools.train --config configs/classification/fashion_mnist.py --workdir "$workdir" --resume
+.venv/bin/python -m tools.train --config configs/classification/fashion_mnist.py --workdir "$workdir" --resume \
+  --set eval.final=False  # tools.eval below sweeps every patch size
 .venv/bin/python -m tools.eval --workdir "$workdir" --names FlexiViT-mu

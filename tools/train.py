@@ -316,7 +316,7 @@ def main(argv=None) -> dict:
         distributed.check_same_across_ranks([checksum], "the model weights")
         if main_process:
             writer.write(train_cfg.steps, {"replicas_identical": True, "parameter_checksum": checksum})
-    results = run_eval(train_cfg.steps)
+    results = run_eval(train_cfg.steps) if eval_cfg.final else {}
     if main_process:
         for p, r in results.items():
             print(f"patch {_name(p):>6}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "n"), flush=True)

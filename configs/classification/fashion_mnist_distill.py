@@ -12,6 +12,7 @@ on the same augmented batch, at a random patch size per step.
 """
 
 from configs.classification.common import distill_config, parse_arg
+from configs.classification.fashion_mnist import PATCH_SIZES
 from configs.classification.fashion_mnist import get_config as fashion_mnist_config
 
 
@@ -24,6 +25,9 @@ def get_config(arg=None):
         image_size=config.data.image_size,
         init_student="random_init" not in args,
     )
+    if not args.get("runlocal"):
+        # The student starts at the teacher: every patch size from the first step (no curriculum warm-up).
+        config.patch_sizes = dict(kind="uniform", sizes=PATCH_SIZES)
     config.optim.update(lr=5e-4, warmup_steps=50)
     if args.get("runlocal") and not args.get("teacher"):
         # A random teacher of the runlocal shape stands in for a trained one: a smoke test of the plumbing.
