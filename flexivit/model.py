@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .pi_resize import (
@@ -48,11 +47,11 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         if torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype != torch.float32:
-            # Training under bf16 autocast on CPU: the fused (flash) kernel's backward is slow there; the math kernel
-            # trains 1.3-1.9x faster per step (measured on flexivit_mu at batch 128, patch 16..4, AMX CPU). Inference
-            # and fp32 keep the default kernel, which is the faster one for them.
-            with sdpa_kernel(SDPBackend.MATH):
-                x = F.scaled_dot_product_attention(q, k, v)
+            # Training under bf16 autocast on CPU: the fused (flash) kernel's backward is slow there, and so is the
+            # math kernel's masking overhead; attention written out trains 1.3-2x faster per step (measured on
+            # flexivit_mu at batch 128, patch 16..4, AMX CPU; docs/main_job.md). Inference and fp32 keep the fused
+            # kernel, which is the faster one for them.
+            x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))

@@ -215,7 +215,7 @@ def test_bf16_autocast_keeps_the_residual_stream_in_float32():
 
 
 def test_bf16_training_gradients_follow_the_float32_ones():
-    # Training in bf16 on CPU takes its own attention kernel (flexivit/model.py): its gradients must still be those of
+    # Training in bf16 on CPU takes its own attention path (flexivit/model.py): its gradients must still be those of
     # the float32 model to bf16's precision.
     torch.manual_seed(0)
     model = flexivit.create_model("flexivit_mu", depth=2, num_classes=10, head_zero_init=False)
