@@ -172,6 +172,19 @@ def test_eval_sweep_matches_a_direct_computation(tmp_path):
     for name in ("sweep.csv", "sweep.md", "sweep.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 100
     assert "| 12 |" in (tmp_path / "eval" / "sweep.md").read_text().replace("  ", " ")
+    best = max(rows, key=lambda r: (r["accuracy"], -r["gflops"]))
+    assert [r["best"] for r in rows] == ["yes" if r is best else "" for r in rows]
+
+
+def test_eval_names_the_best_patch_size_per_model_cheaper_on_ties():
+    rows = [
+        {"model": "a", "patch_size": 16, "gflops": 1.0, "AP": 0.30},
+        {"model": "a", "patch_size": 8, "gflops": 4.0, "AP": 0.30},  # a tie: the cheaper p16 is named
+        {"model": "b", "patch_size": 16, "gflops": 1.0, "AP": 0.20},
+        {"model": "b", "patch_size": 8, "gflops": 4.0, "AP": 0.25},
+    ]
+    eval_tool.mark_best(rows, "AP")
+    assert [r["best"] for r in rows] == ["yes", "", "", "yes"]
 
 
 def test_unknown_config_key_lists_the_valid_ones():

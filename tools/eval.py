@@ -113,6 +113,19 @@ def load_task_model(task, config: Config, info, checkpoint: Path) -> torch.nn.Mo
     return model
 
 
+def mark_best(rows: list[dict], metric: str) -> None:
+    """Set ``best`` to "yes" on each model's row with the highest ``metric`` (ties: fewer GFLOPs), "" elsewhere.
+
+    The paper finds that the best inference patch size differs per dataset (Sec. 5.3): the table names it.
+    """
+    for name in dict.fromkeys(row["model"] for row in rows):
+        members = [row for row in rows if row["model"] == name and isinstance(row.get(metric), int | float)]
+        best = max(members, key=lambda row: (row[metric], -row.get("gflops", 0.0)), default=None)
+        for row in rows:
+            if row["model"] == name:
+                row["best"] = "yes" if row is best else ""
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,9 +152,12 @@ def main(argv=None) -> list[dict]:
     percent = [k for k in ("accuracy", "top5") if k in rows[0]]
     columns = [c for c in descriptive if c in rows[0]]
     columns += [k for k in rows[0] if k not in columns]
+    mark_best(rows, metric)
+    columns.append("best")
     notes = [
         f"device: {device_description(device)}; img/s and latency at batch {args.timing_batch}, median of 5",
         "GFLOPs: forward, per image, counted with torch.utils.flop_counter (a multiply-add = 2 FLOPs)",
+        f"best: the patch size with the highest {metric} for that model (ties: the cheaper one)",
     ]
     write_csv(rows, out / "sweep.csv")
     write_markdown(rows, out / "sweep.md", title="Patch-size sweep", notes=notes, columns=columns, percent=percent)
