@@ -1,0 +1,247 @@
+"""OWL-ViT's detection loss (docs/reference.md §8): Hungarian matching, sigmoid focal loss, L1 + GIoU box losses.
+
+Shapes follow docs/det_spec conventions: one prediction per image token (N), a fixed number of query slots per
+image (Q, ``query_valid`` marks the real ones), padded targets (M, ``box_valid`` marks the real ones) whose labels are
+multi-hot over the image's query slots. Boxes are normalised (cx, cy, w, h).
+
+LVIS federated training: only the image's query set is scored, so a query slot outside it (``query_valid`` False)
+contributes exactly nothing, neither to the matching cost nor to the loss, and receives no gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch.nn import functional as F
+from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
+
+from tasks.common import distributed
+
+DEFAULT_WEIGHTS = {"class": 1.0, "l1": 1.0, "giou": 1.0}  # OWL-ViT's matching and loss weights (all 1)
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) centre / size -> corners (x0, y0, x1, y1); as ``torchvision.ops.box_convert(.., "cxcywh", "xyxy")``."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) corners -> centre / size; the inverse of :func:`cxcywh_to_xyxy`."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.3, gamma: float = 2.0
+) -> torch.Tensor:
+    """Elementwise focal loss (Lin et al. 2017) on sigmoid probabilities, no reduction.
+
+    ``alpha`` weights positives (``1 - alpha`` negatives; a negative ``alpha`` disables the weighting, as in
+    torchvision). OWL-ViT uses alpha 0.3, gamma 2.
+    """
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def matching_cost(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    tgt_boxes: torch.Tensor,
+    tgt_labels: torch.Tensor,
+    query_valid: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    gamma: float = 2.0,
+    weights: dict | None = None,
+) -> torch.Tensor:
+    """The (N, M) Hungarian cost of assigning prediction i to target j, in float64 on the CPU, without gradients.
+
+    cost = w_class * class + w_l1 * L1(cxcywh, summed over the 4 coordinates) - w_giou * GIoU(xyxy). The class cost
+    is DETR's / OWL-ViT's focal-style one: for each query label q that target j has (and that is a valid query),
+    ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` with ``p = sigmoid(logits[i, q])``, summed over q.
+    """
+    w = {**DEFAULT_WEIGHTS, **(weights or {})}
+    with torch.no_grad():
+        x = logits.detach().to("cpu", torch.float64)[:, query_valid.cpu()]  # (N, Qv)
+        labels = tgt_labels.detach().to("cpu", torch.float64)[:, query_valid.cpu()]  # (M, Qv)
+        p = torch.sigmoid(x)
+        # -log p = softplus(-x) and -log(1 - p) = softplus(x): stable for large |x|.
+        pos = alpha * (1 - p) ** gamma * F.softplus(-x)
+        neg = (1 - alpha) * p**gamma * F.softplus(x)
+        cost_class = (pos - neg) @ labels.T  # (N, M): summed over each target's positive labels
+        pred = pred_boxes.detach().to("cpu", torch.float64)
+        tgt = tgt_boxes.detach().to("cpu", torch.float64)
+        cost_l1 = torch.cdist(pred, tgt, p=1)  # (N, M), on cxcywh as DETR / OWL-ViT do
+        giou = generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(tgt))
+        return w["class"] * cost_class + w["l1"] * cost_l1 - w["giou"] * giou
+
+
+def match(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    tgt_boxes: torch.Tensor,
+    tgt_labels: torch.Tensor,
+    query_valid: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    gamma: float = 2.0,
+    weights: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hungarian matching of one image: ``(pred_idx, tgt_idx)`` int64 on ``logits``' device, min(N, M) pairs.
+
+    logits (N, Q), pred_boxes (N, 4) and tgt_boxes (M, 4) cxcywh, tgt_labels (M, Q) multi-hot, query_valid (Q,)
+    bool. The assignment minimises :func:`matching_cost` (scipy ``linear_sum_assignment``). No targets: empty.
+    """
+    device = logits.device
+    if tgt_boxes.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty.clone()
+    cost = matching_cost(
+        logits, pred_boxes, tgt_boxes, tgt_labels, query_valid, alpha=alpha, gamma=gamma, weights=weights
+    )
+    if not torch.isfinite(cost).all():
+        raise ValueError(
+            "the matching cost has non-finite entries: predicted or target boxes contain NaN / inf, or a target box "
+            f"has zero area (targets {tgt_boxes.tolist()})"
+        )
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return (
+        torch.as_tensor(np.asarray(rows), dtype=torch.long, device=device),
+        torch.as_tensor(np.asarray(cols), dtype=torch.long, device=device),
+    )
+
+
+def detection_loss(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    target_boxes: torch.Tensor,
+    box_valid: torch.Tensor,
+    target_labels: torch.Tensor,
+    query_valid: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    gamma: float = 2.0,
+    weights: dict | None = None,
+    match_weights: dict | None = None,
+    normalizer: str = "global",
+    objectness: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """OWL-ViT's loss of a batch: ``(loss, {"class", "l1", "giou"})`` (terms unweighted and detached), float32.
+
+    Args:
+        logits: (B, N, Q) class logits; boxes: (B, N, 4) predicted cxcywh.
+        target_boxes: (B, M, 4) cxcywh, padded; box_valid: (B, M) bool, False on padding rows.
+        target_labels: (B, M, Q) multi-hot over the image's query slots; query_valid: (B, Q) bool.
+        alpha, gamma: the focal loss's (0.3, 2 in OWL-ViT).
+        weights: loss weights {"class", "l1", "giou"} (default all 1); match_weights: the matching cost's (default
+            ``weights``).
+        normalizer: ``"per_image"``: each image's class sum over its number of positive labels and its box sums over
+            its number of boxes (each at least 1), then the mean over the batch (scenic). ``"global"``: the batch's sums
+            over the positive-label (box) count of the whole global batch, all-reduced over data-parallel ranks and
+            divided by the world size, at least 1 (DETR): DDP's gradient averaging then gives the global mean.
+        objectness: (B, N) logits of OWLv2's objectness head, or None. Its target is 1 for the predictions matched
+            to a box and 0 for the rest (a sigmoid focal loss normalised like the class loss; term "objectness").
+
+    Every (prediction, valid query) pair gets a focal term; a prediction's targets are its matched target's labels
+    (all zero when unmatched). Box losses on matched pairs: L1 on xyxy corners (summed over 4) and 1 - GIoU.
+    """
+    if normalizer not in ("global", "per_image"):
+        raise ValueError(f"normalizer must be 'global' or 'per_image', got {normalizer!r}")
+    _check_shapes(logits, boxes, target_boxes, box_valid, target_labels, query_valid)
+    w = {**DEFAULT_WEIGHTS, **(weights or {})}
+    logits, boxes = logits.float(), boxes.float()
+    target_boxes, target_labels = target_boxes.float(), target_labels.float()
+    query_valid, box_valid = query_valid.bool(), box_valid.bool()
+    B, N, Q = logits.shape
+
+    # ---- matching, per image, on the valid targets only
+    batch_idx, pred_idx, tgt_idx = [], [], []
+    for b in range(B):
+        valid = box_valid[b].nonzero().squeeze(1)  # indices into M
+        rows, cols = match(
+            logits[b],
+            boxes[b],
+            target_boxes[b, valid],
+            target_labels[b, valid],
+            query_valid[b],
+            alpha=alpha,
+            gamma=gamma,
+            weights=match_weights if match_weights is not None else weights,
+        )
+        batch_idx.append(torch.full_like(rows, b))
+        pred_idx.append(rows)
+        tgt_idx.append(valid[cols])
+    batch_idx, pred_idx, tgt_idx = torch.cat(batch_idx), torch.cat(pred_idx), torch.cat(tgt_idx)
+
+    # ---- class loss: focal over every (prediction, valid query) pair; unmatched predictions are pure negatives
+    targets = torch.zeros_like(logits)
+    targets[batch_idx, pred_idx] = target_labels[batch_idx, tgt_idx]
+    valid_pairs = query_valid[:, None, :].expand(B, N, Q)
+    # torch.where, not a multiplication: an invalid query slot (logit -1e6, or anything) adds exactly 0 and gets a
+    # zero gradient, whatever its value.
+    focal = torch.where(valid_pairs, sigmoid_focal_loss(logits, targets, alpha, gamma), 0.0)
+    class_sum = focal.sum(dim=(1, 2))  # (B,)
+    num_pos = (target_labels * (box_valid[:, :, None] & query_valid[:, None, :])).sum(dim=(1, 2))  # (B,)
+
+    # ---- box losses on matched pairs (indexing keeps the graph even when nothing matched, for DDP)
+    src = boxes[batch_idx, pred_idx]  # (K, 4)
+    tgt = target_boxes[batch_idx, tgt_idx]
+    src_xyxy, tgt_xyxy = cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt)
+    l1 = (src_xyxy - tgt_xyxy).abs().sum(-1)  # (K,): on corners, unlike the matching cost (docs/reference.md §8)
+    giou = generalized_box_iou_loss(src_xyxy, tgt_xyxy, reduction="none")  # (K,) = 1 - GIoU
+    l1_sum = logits.new_zeros(B).index_add(0, batch_idx, l1)
+    giou_sum = logits.new_zeros(B).index_add(0, batch_idx, giou)
+    num_boxes = box_valid.sum(1).float()  # (B,)
+
+    if normalizer == "per_image":
+        class_loss = (class_sum / num_pos.clamp(min=1)).mean()
+        l1_loss = (l1_sum / num_boxes.clamp(min=1)).mean()
+        giou_loss = (giou_sum / num_boxes.clamp(min=1)).mean()
+    else:
+        counts = torch.stack([num_pos.sum(), num_boxes.sum()]).detach()
+        counts = (distributed.all_reduce_sum(counts) / distributed.world_size()).clamp(min=1)
+        class_loss = class_sum.sum() / counts[0]
+        l1_loss = l1_sum.sum() / counts[1]
+        giou_loss = giou_sum.sum() / counts[1]
+
+    loss = w["class"] * class_loss + w["l1"] * l1_loss + w["giou"] * giou_loss
+    terms = {"class": class_loss.detach(), "l1": l1_loss.detach(), "giou": giou_loss.detach()}
+    if objectness is not None:
+        objectness = objectness.float()
+        matched = torch.zeros_like(objectness)
+        matched[batch_idx, pred_idx] = 1.0
+        per_image = sigmoid_focal_loss(objectness, matched, alpha, gamma).sum(1)  # (B,)
+        if normalizer == "per_image":
+            objectness_loss = (per_image / num_boxes.clamp(min=1)).mean()
+        else:
+            objectness_loss = per_image.sum() / counts[1]
+        loss = loss + w.get("objectness", 1.0) * objectness_loss
+        terms["objectness"] = objectness_loss.detach()
+    return loss, terms
+
+
+def _check_shapes(logits, boxes, target_boxes, box_valid, target_labels, query_valid) -> None:
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (B, N, Q), got shape {tuple(logits.shape)}")
+    B, N, Q = logits.shape
+    M = target_boxes.shape[1] if target_boxes.ndim == 3 else -1
+    expected = {
+        "boxes": (boxes, (B, N, 4)),
+        "target_boxes": (target_boxes, (B, M, 4)),
+        "box_valid": (box_valid, (B, M)),
+        "target_labels": (target_labels, (B, M, Q)),
+        "query_valid": (query_valid, (B, Q)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"detection_loss: {name} has shape {tuple(tensor.shape)}, expected {shape} "
+                f"(B={B}, N={N} predictions, Q={Q} query slots, M={M} target rows)"
+            )
