@@ -85,6 +85,15 @@ def all_gather(local: torch.Tensor) -> list[torch.Tensor]:
     return [part.to(local.device) for part in parts]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj`` (our own values only, never data read from a file), in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown() -> None:
     """Leave the process group if :func:`init` created it (a group the caller made is the caller's to destroy)."""
     global _OWN_GROUP

@@ -91,6 +91,10 @@ class DetectionDataset(Dataset):
         """The same data with another ``transform`` (e.g. the eval transform for validation)."""
         return self._with(self.records, transform=transform)
 
+    def take(self, n: int) -> DetectionDataset:
+        """The first ``n`` images (the JSON's order), for small runs; the class statistics stay the full set's."""
+        return self._with(self.records[:n])
+
     def _with(self, records, **changes) -> DetectionDataset:
         fields = dict(
             frequency=self.frequency,

@@ -1,0 +1,360 @@
+"""Open-vocabulary detection: OWL-ViT heads on a FlexiViT image-text model, LVIS / COCO AP at every patch size.
+
+The paper transfers FlexiViT to OWL-ViT (Sec. 4) and trains it flexified, one random patch size per step (Sec. 5.3).
+The task's face for the engine (tools/train.py, tools/eval.py): ``build_datasets``, ``build_model``, ``train_loss``,
+``evaluate``, ``collate`` and ``image_forward``. Fixed and flexified training differ only in the engine's sampler.
+
+    model.py       box bias (from the current grid), box / class / objectness heads, OwlViT, prompt templates
+    losses.py      Hungarian matching, sigmoid focal loss, L1 + GIoU box losses, per-image / global normalisation
+    data.py        COCO / LVIS / labelme readers, rare-class removal, federated query sets
+    transforms.py  flip, random crop, resize-with-pad, mosaics on tv_tensors.BoundingBoxes; collate
+    evaluation.py  top-300 detections, streamed results, LVISEval / COCOeval wrappers, class-wise NMS
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import flexivit
+from tasks.common import distributed
+from tasks.common.loader import JointTransform
+from tasks.common.train_state import resolve_checkpoint
+from tasks.common.transforms import as_value_range
+from tasks.contrastive.model import build_text_tower
+
+from . import data as det_data
+from .evaluation import (
+    COCO_KEYS,
+    LVIS_KEYS,
+    ResultsWriter,
+    classwise_nms,
+    coco_evaluate,
+    lvis_evaluate,
+    to_pixel_xywh,
+    top_k_detections,
+)
+from .losses import detection_loss
+from .model import PROMPT_TEMPLATES_LVIS_EVAL, PROMPT_TEMPLATES_TRAIN, OwlViT
+from .transforms import EvalTransform, TrainTransform, collate, collate_eval
+
+__all__ = [
+    "COCO_KEYS",
+    "LVIS_KEYS",
+    "EvalSet",
+    "EvalTransform",
+    "OwlViT",
+    "ResultsWriter",
+    "TrainTransform",
+    "build_datasets",
+    "build_model",
+    "classwise_nms",
+    "coco_evaluate",
+    "collate",
+    "collate_eval",
+    "detection_loss",
+    "evaluate",
+    "image_forward",
+    "load_model",
+    "lvis_evaluate",
+    "to_pixel_xywh",
+    "token_grid",
+    "top_k_detections",
+    "train_loss",
+]
+
+TEMPLATES = {"clip": PROMPT_TEMPLATES_TRAIN, "lvis": PROMPT_TEMPLATES_LVIS_EVAL}
+
+
+@dataclass
+class EvalSet:
+    """What :func:`evaluate` needs: the images (with the eval transform), the ground truth and the prompts."""
+
+    images: det_data.DetectionDataset
+    gt_json: Path  # the evaluation ground truth (with the rare classes marked 'r' where configured)
+    format: str  # lvis | coco
+    classnames: list[str]
+    templates: list[str]
+    max_dets: int = 300
+    results_dir: Path | None = None  # keep results_p{patch}.json there (a temporary folder otherwise)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _templates(value) -> list[str]:
+    return list(TEMPLATES[value]) if isinstance(value, str) else list(value)
+
+
+def ensure_generated(root, generate) -> None:
+    """Write generated scenes at ``root`` when it is missing and ``generate`` (scene settings) is given."""
+    if not generate or root is None or Path(root).exists():
+        return
+    from tasks.common.scenes import SceneSpec, write_scenes
+
+    settings = dict(generate)
+    counts = {k: settings.pop(k) for k in ("num_train", "num_val", "seed")}
+    write_scenes(root, spec=SceneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}),
+                 **counts)  # fmt: skip
+
+
+def _read(data, split: str) -> det_data.DetectionDataset:
+    json_path, images = (data.train_json, data.train_images) if split == "train" else (data.val_json, data.val_images)
+    if json_path is None or images is None:
+        raise ValueError(f"data.{split}_json and data.{split}_images must be set (got {json_path!r}, {images!r})")
+    if data.format == "lvis":
+        return det_data.read_lvis(json_path, images, merge_iou=data.merge_iou)
+    if data.format == "coco":
+        return det_data.read_coco(json_path, images)
+    raise ValueError(f"data.format must be 'lvis' or 'coco', got {data.format!r}")
+
+
+def _rare_gt(val_json: str, rare: Sequence[str]) -> Path:
+    """A copy of the LVIS ground truth with ``rare`` marked 'r', cached by (file, mtime, names) in the temp folder."""
+    source = Path(val_json)
+    key = f"{source.resolve()}|{source.stat().st_mtime_ns}|{sorted(rare)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / "flexivit-detection" / f"{source.stem}.rare-{digest}.json"
+    if not out.exists():
+        det_data.mark_rare(source, out, rare)
+    return out
+
+
+def build_datasets(data, distill=None) -> tuple:
+    """``(train set, joint train transform, EvalSet, {"classnames": prompt names})``.
+
+    Rare classes (``data.rare_classes``, else the JSON's 'r' categories) are removed from training entirely and
+    never enter a query set, so APr is zero-shot (docs/reference.md §8).
+    """
+    if distill:
+        raise ValueError("detection has no distillation: set distill=None")
+    ensure_generated(data.root, data.generate)
+    train = _read(data, "train")
+    if data.rare_classes is not None:
+        rare = list(data.rare_classes)
+    else:
+        rare = [n for n, f in zip(train.classes, train.frequency or [], strict=False) if f == "r"]
+    train = det_data.remove_classes(train, rare) if rare else train
+    value_range = as_value_range(data.value_range)
+    crop_area = tuple(data.crop_area) if data.crop_area and tuple(data.crop_area) != (1.0, 1.0) else None
+    train_tf = TrainTransform(
+        data.image_size,
+        dataset=train,
+        num_queries=data.num_queries,
+        class_weights=det_data.frequency_weights(train),
+        hflip=data.hflip,
+        crop_area=crop_area,
+        crop_aspect=tuple(data.crop_aspect),
+        min_box_fraction=data.min_box_fraction,
+        pad_value=data.pad_value,
+        mosaic_probs=data.mosaic_probs,
+        value_range=value_range,
+    )
+    val = _read(data, "val").with_transform(EvalTransform(data.image_size, value_range))
+    classnames = list(data.classnames) if data.classnames else list(val.classes)
+    if len(classnames) != len(val.classes):
+        raise ValueError(
+            f"data.classnames has {len(classnames)} names for {len(val.classes)} categories of {val.json_path}"
+        )
+    if list(train.classes) != list(val.classes):
+        raise ValueError(f"{data.train_json} and {data.val_json} have different categories")
+    if data.train_examples:
+        train = train.take(data.train_examples)
+        train_tf.dataset = train  # mosaics draw from the same subset
+    if data.val_examples:
+        val = val.take(data.val_examples)  # scored on these images only (LVISEval's / COCOeval's image ids)
+    gt = Path(data.val_json)
+    if data.format == "lvis" and data.rare_classes is not None:
+        gt = _rare_gt(data.val_json, rare)
+    val_set = EvalSet(
+        images=val,
+        gt_json=gt,
+        format=data.format,
+        classnames=classnames,
+        templates=_templates(data.eval_templates),
+    )
+    info = {"classnames": classnames, "train_templates": _templates(data.train_templates)}
+    return train, JointTransform(train_tf), val_set, info
+
+
+def build_model(model_cfg, info=None) -> OwlViT:
+    """OWL-ViT from the config's towers; ``model.init`` fills them from a contrastive workdir / checkpoint (both
+    towers and the text projection) or a FlexiViT file (the image tower, flexivit.create_model's rules), and
+    ``model.text_init`` the text tower from a contrastive checkpoint. ``info`` gives the prompts' class names."""
+    init = resolve_checkpoint(model_cfg.init) if model_cfg.init else None
+    init_state = _contrastive_state(init) if init else None
+    pretrained = init if init and init_state is None else None  # a FlexiViT file: create_model loads it
+    image = flexivit.create_model(
+        model_cfg.name, pretrained=pretrained, **{**(model_cfg.overrides or {}), "num_classes": 0}
+    )
+    text = build_text_tower(**model_cfg.text)
+    embed_dim = model_cfg.embed_dim or image.width
+    text_proj = torch.nn.Linear(text.width, embed_dim, bias=False) if model_cfg.text_proj else torch.nn.Identity()
+    model = OwlViT(image, text, text_proj, embed_dim, objectness=model_cfg.objectness)
+    if init_state is not None:
+        _load_towers(model, init_state, init, ("image.", "text.", "text_proj."))
+    if model_cfg.text_init:
+        source = resolve_checkpoint(model_cfg.text_init)
+        state = _contrastive_state(source)
+        if state is None:
+            raise ValueError(f"model.text_init {source} is not a contrastive checkpoint (no text tower in it)")
+        _load_towers(model, state, source, ("text.", "text_proj."))
+    info = info or {}
+    # The prompts' class names and the training templates travel with the model (train_loss sees only the model).
+    model.query_names = list(info.get("classnames", []))
+    model.train_templates = list(info.get("train_templates", PROMPT_TEMPLATES_TRAIN))
+    return model
+
+
+def _contrastive_state(path: str) -> dict | None:
+    """The state dict of a contrastive checkpoint (one with a text tower), or None for any other weights file."""
+    if not Path(path).is_file() or Path(path).suffix not in (".pt", ".pth"):
+        return None
+    state, meta = flexivit.read_checkpoint(path)
+    kwargs = meta.get("model_kwargs") or {}
+    return state if "text" in kwargs and "image" in kwargs else None
+
+
+def _load_towers(model: OwlViT, state: dict, source: str, prefixes: Sequence[str]) -> None:
+    """Copy the ``prefixes`` parts of ``state`` into ``model``; every tensor of those parts must be there and fit."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(tuple(prefixes))}
+    missing = sorted(set(own) - set(state))
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or wrong:
+        raise flexivit.CheckpointError(
+            f"{source} does not fit the configured towers (model.name / overrides / text / embed_dim must match the "
+            f"contrastive run): missing {missing[:8]}, shape mismatches {wrong[:8]}"
+        )
+    model.load_state_dict({k: state[k] for k in own}, strict=False)
+
+
+def load_model(path: str | Path) -> OwlViT:
+    """Rebuild an :class:`OwlViT` from a checkpoint the engine wrote (a file or a workdir), from the file alone."""
+    path = resolve_checkpoint(path)
+    state, meta = flexivit.read_checkpoint(path)
+    kwargs = meta.get("model_kwargs") or {}
+    if "objectness" not in kwargs:
+        raise flexivit.CheckpointError(f"{path} is not a detection checkpoint (its model_kwargs have no 'objectness')")
+    model = OwlViT.from_kwargs(kwargs)
+    model.load_state_dict(state)
+    return model
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    while (inner := getattr(net, "module", None) or getattr(net, "_orig_mod", None)) is not None:
+        net = inner
+    return net
+
+
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
+    """``(loss, terms)`` of one (micro-)batch at ``patch_size``: OWL-ViT's matched focal + L1 + GIoU loss.
+
+    Each class of the batch's query sets is prompted with one template drawn at random for this step (the global
+    RNG, which the engine seeds from ``(seed, step, rank)``), as OWL-ViT trains (docs/reference.md §8).
+    """
+    if teacher is not None:
+        raise ValueError("detection has no distillation: set distill=None")
+    images, boxes, box_valid, labels, queries, query_valid = batch
+    model = unwrap(net)
+    classes = torch.unique(queries[query_valid])  # sorted class indices of this batch's valid query slots
+    names, templates = model.query_names, model.train_templates
+    picks = torch.randint(len(templates), (len(classes),)).tolist()
+    texts = [templates[t].format(names[c]) for t, c in zip(picks, classes.tolist(), strict=True)]
+    if not texts:  # no image of the batch has a valid query: a degenerate batch, but still a graph for DDP
+        texts, classes = [names[0]], torch.zeros(1, dtype=torch.long, device=queries.device)
+    tokens = model.tokenize(texts).to(images.device, non_blocking=True)
+    index = torch.searchsorted(classes.to(queries.device), queries.clamp(min=0)).clamp(max=len(texts) - 1)
+    out = net(images, query_valid=query_valid, patch_size=patch_size, query_tokens=tokens, query_index=index)
+    return detection_loss(
+        out["logits"], out["boxes"], boxes, box_valid, labels, query_valid, objectness=out.get("objectness")
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: OwlViT, val_set: EvalSet, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size=8
+) -> dict:
+    """``{patch: {"AP", "AP50", "AP75", "APs", "APm", "APl", ["APr", "APc", "APf"]}}`` (fractions) over ``val_set``.
+
+    Every class is queried, its prompts' embeddings averaged over ``val_set.templates`` (the template-averaged
+    logits, docs/reference.md §8); the top ``max_dets`` (box, class) pairs per image are streamed to a results JSON
+    (never all images' logits in memory) and scored by LVISEval (format "lvis") or COCOeval ("coco"). Each rank
+    predicts every world-th image; the main process gathers the results and scores them.
+    """
+    was_training = model.training
+    model.eval()
+    world, rank = distributed.world_size(), distributed.rank()
+    images = val_set.images
+    loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size, collate_fn=collate_eval)
+    queries = model.embed_prompts(val_set.classnames, val_set.templates, device)  # (C, E)
+    category_ids = torch.as_tensor(images.category_ids)
+    image_ids = [r.image_id for r in images.records]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="flexivit-detection-") as tmp:
+        out_dir = Path(val_set.results_dir or tmp)
+        for patch in patch_sizes:
+            name = "x".join(map(str, sorted(set(flexivit.pi_resize.to_2tuple(patch)))))
+            path = out_dir / f"results_p{name}.rank{rank}.json"
+            with ResultsWriter(path) as writer:
+                for batch_images, targets in loader:
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        out = model(batch_images.to(device), queries, None, patch_size=patch)
+                    for b, target in enumerate(targets):
+                        objectness = out["objectness"][b] if "objectness" in out else None
+                        scores, classes, boxes = top_k_detections(
+                            out["logits"][b], out["boxes"][b], val_set.max_dets, objectness
+                        )
+                        xywh = to_pixel_xywh(boxes.cpu(), batch_images.shape[-1], target["scale"], target["orig_size"])
+                        writer.add(target["image_id"], category_ids[classes.cpu()].tolist(), xywh, scores.cpu())
+            # Ranks may not share a file system: the results themselves travel (300 per image, not the logits).
+            parts = distributed.all_gather_object(path.read_text())
+            if distributed.is_main():
+                merged = [entry for part in parts for entry in json.loads(part)]
+                score = lvis_evaluate if val_set.format == "lvis" else coco_evaluate
+                kwargs = {"max_dets": val_set.max_dets} if val_set.format == "lvis" else {}
+                metrics = score(val_set.gt_json, merged, image_ids=image_ids, **kwargs)
+            else:
+                metrics = {}
+            keys = LVIS_KEYS if val_set.format == "lvis" else COCO_KEYS
+            results[patch] = _broadcast(metrics, keys) | {"n": len(images)}
+    model.train(was_training)
+    return results
+
+
+def _broadcast(metrics: dict, keys: Sequence[str]) -> dict:
+    """The main process's metrics on every rank (the others contribute zeros; a no-op in one process)."""
+    if distributed.world_size() == 1:
+        return metrics
+    values = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, distributed.all_reduce_sum(values).cpu().tolist(), strict=True))
+
+
+def token_grid(image_hw, patch) -> tuple[int, int]:
+    """The token grid at ``patch`` (the backbone drops an untiled border; the box bias follows the patches)."""
+    return (image_hw[0] // patch[0], image_hw[1] // patch[1])
+
+
+def image_forward(model: OwlViT):
+    """What tools.eval counts and times: the image side (tower, heads) with the queries already embedded."""
+    cache = {}
+
+    def forward(images, patch_size=None):
+        if "queries" not in cache:
+            with torch.no_grad():
+                names = model.query_names or ["object"]
+                cache["queries"] = model.embed_prompts(names, ["{}"], images.device)
+        return model(images, cache["queries"], None, patch_size=patch_size)
+
+    return forward
