@@ -23,8 +23,8 @@ flexible, which is what fast transfer needs (docs/reference.md §12). In 600-ste
 initialisation at every size (mIoU p16 / p8 / p4: .182 / .209 / .208 vs .163 / .176 / .163), and a fixed-size run
 from scratch could not be expected to transfer across sizes at all (paper Fig. 3).
 
-Measured (one seed, 2 CPU cores, docs/segmentation.md): mIoU at 16 / 12 / 8 / 6 / 4, flexified .195 / .209 / .216 /
-.214 / .217 (7 min); fixed at 16 .217 / .227 / .209 / .139 / .102 (3 min).
+Measured (one seed, 2 CPU cores, docs/segmentation.md): mIoU at 16 / 12 / 8 / 6 / 4, flexified .209 / .221 / .225 /
+.226 / .226 (6 min); fixed at 16 .241 / .253 / .229 / .106 / .079 (1.3 min).
 """
 
 from configs.segmentation.common import apply_common_args, base_config, parse_arg
