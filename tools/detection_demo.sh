@@ -21,8 +21,8 @@ if ! ls runs/flexilit/checkpoints/ckpt_00000400.pt >/dev/null 2>&1; then
 fi
 # The data: 2000 + 200 generated scenes (LVIS-format JSON among others), ~15 s; the config writes them if missing.
 config=configs/detection/scenes.py
-$py -m tools.train --config "$config" --workdir runs/det_scenes_flexi --resume
-$py -m tools.train --config "$config:fixed=16" --workdir runs/det_scenes_p16 --resume
+$py -m tools.train --config "$config" --workdir runs/det_scenes_flexi --resume --set eval.final=False
+$py -m tools.train --config "$config:fixed=16" --workdir runs/det_scenes_p16 --resume --set eval.final=False
 $py -m tools.eval --workdir runs/det_scenes_flexi runs/det_scenes_p16 --names flexified fixed-p16 \
   --out runs/detection_eval
 $py -m tools.eval --workdir runs/det_scenes_flexi --config "$config:shuffled_rare" --names flexified-rare-names-shuffled \

@@ -1,8 +1,9 @@
 """The full set of detection config keys with their defaults (OWL-ViT's LVIS recipe); dataset configs change the rest.
 
 Every key a config may set exists here, so ``--set`` can reject typos (tasks/common/config.py). The recipe is
-REFERENCE §8 / scenic's OWL-ViT: Adam-style optimiser, 5e-5 for the image tower and heads, 2e-6 for the text tower
-(``optim.lr_mults``), warm-up + cosine, flip + random crop + resize-with-pad + mosaics, federated LVIS query sets.
+scenic's OWL-ViT (docs/reference.md §8): Adam-style optimiser, 5e-5 for the image tower and heads, 2e-6 for the
+text tower (``optim.lr_mults``), warm-up + cosine, flip + random crop + resize-with-pad + mosaics, federated LVIS
+query sets.
 """
 
 from configs.common import engine_config, parse_arg  # noqa: F401  (parse_arg re-exported for the dataset configs)
@@ -38,7 +39,7 @@ def base_config() -> Config:
             num_queries=50,  # query slots per training image (positives + verified + random negatives, padded)
             merge_iou=0.9,  # LVIS: boxes of one image overlapping this much are one multi-label instance
             hflip=True,
-            crop_area=[0.3, 1.0],  # random crop area fraction (REFERENCE §8); [1, 1] turns the crop off
+            crop_area=[0.3, 1.0],  # random crop area fraction (docs/reference.md §8); [1, 1] turns the crop off
             crop_aspect=[0.75, 1.333],
             min_box_fraction=0.6,  # a box keeping less of its area inside the crop is dropped
             pad_value=0.5,  # training pad (evaluation pads with 0, as scenic)

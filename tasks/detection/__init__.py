@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -286,7 +287,8 @@ def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tu
 def evaluate(
     model: OwlViT, val_set: EvalSet, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size=8
 ) -> dict:
-    """``{patch: {"AP", "AP50", "AP75", "APs", "APm", "APl", ["APr", "APc", "APf"]}}`` (fractions) over ``val_set``.
+    """``{patch: {"AP", "AP50", "AP75", "APs", "APm", "APl", ["APr", "APc", "APf"]}}`` (fractions) over ``val_set``,
+    without the ones the ground truth leaves undefined (an area range or frequency group without boxes).
 
     Every class is queried, its prompts' embeddings averaged over ``val_set.templates`` (the template-averaged
     logits, docs/reference.md §8); the top ``max_dets`` (box, class) pairs per image are streamed to a results JSON
@@ -328,7 +330,9 @@ def evaluate(
             else:
                 metrics = {}
             keys = LVIS_KEYS if val_set.format == "lvis" else COCO_KEYS
-            results[patch] = _broadcast(metrics, keys) | {"n": len(images)}
+            # A metric the ground truth leaves undefined (no large boxes, no 'c' class: NaN) is left out.
+            defined = {k: v for k, v in _broadcast(metrics, keys).items() if not math.isnan(v)}
+            results[patch] = defined | {"n": len(images)}
     model.train(was_training)
     return results
 

@@ -7,7 +7,7 @@ id), ``boxes`` (tv_tensors.BoundingBoxes, XYXY pixels), ``labels`` (M, C) bool m
 carry several classes after IoU >= 0.9 merging), ``negatives`` and ``not_exhaustive`` (C,) bool, ``orig_size``.
 
 LVIS is federated (Gupta et al. 2019): an image's annotations are exhaustive only for its positive classes; the
-classes in ``neg_category_ids`` are verified absent; everything else is unknown. OWL-ViT (REFERENCE.md §8) trains
+classes in ``neg_category_ids`` are verified absent; everything else is unknown. OWL-ViT (docs/reference.md §8) trains
 each image on a query set of its positives, its verified negatives and random frequency-weighted negatives
 (:func:`sample_queries`), removes the rare classes from training (:func:`remove_classes`) so that APr is zero-shot.
 """
@@ -467,7 +467,7 @@ def _class_indices(dataset: DetectionDataset, names: Iterable[str]) -> set[int]:
 def remove_classes(dataset: DetectionDataset, names: Iterable[str]) -> DetectionDataset:
     """Training without ``names``: their labels are removed (an instance left with no class is dropped), they leave
     the verified negatives, and they join ``excluded`` so that no query set ever contains them (OWL-ViT's zero-shot
-    APr protocol, REFERENCE.md §8). Class indices stay as they are."""
+    APr protocol, docs/reference.md §8). Class indices stay as they are."""
     drop = _class_indices(dataset, names)
     records = []
     for r in dataset.records:

@@ -1,6 +1,6 @@
 """OWL-ViT's detection transforms with torchvision v2 on tv_tensors, and the batch collation.
 
-Training (REFERENCE.md §8): random crop (area 0.3-1, aspect 0.75-1.33) dropping boxes that keep < 60 % of their
+Training (docs/reference.md §8): random crop (area 0.3-1, aspect 0.75-1.33) dropping boxes that keep < 60 % of their
 area -> horizontal flip -> resize the long side to S keeping the aspect -> pad bottom/right to S x S with 0.5;
 mosaics of 1x1 / 2x2 / 3x3 such images (p = 0.4 / 0.3 / 0.3); then the image's federated query set. Evaluation:
 resize the long side to S, pad bottom/right with 0. Pad values are pixel intensities in [0, 1] (0.5 = mid-grey),
