@@ -22,7 +22,7 @@ crop costs more accuracy than it gains). ``runlocal`` and ``fixed=P`` keep the p
 from configs.classification.common import base_config, parse_arg
 
 PATCH_SIZES = [16, 12, 8, 6, 4]
-STEPS, WARMUP_STEPS = 2200, 800  # all steps; steps at patch size 16 only before the uniform sampler takes over
+STEPS, WARMUP_STEPS = 3000, 1000  # all steps; steps at patch size 16 only before the uniform sampler takes over
 
 
 def get_config(arg=None):
