@@ -255,24 +255,6 @@ def test_classwise_nms_suppresses_within_a_class_only():
     assert evaluation.classwise_nms(boxes, scores, classes, 0.5).tolist() == [0, 2, 3]  # box 1: IoU 0.81 with 0
 
 
-def test_best_patch_size_prefers_the_larger_patch_on_ties():
-    rows = [
-        {"patch_size": 8, "AP": 0.30},
-        {"patch_size": 16, "AP": 0.30},
-        {"patch_size": 32, "AP": float("nan")},
-        {"patch_size": 12, "AP": 0.25},
-    ]
-    assert evaluation.best_patch_size(rows, "AP") == 16
-    assert evaluation.best_patch_size(rows[2:], "AP") == 12
-    assert evaluation.best_patch_size([{"patch_size": (8, 16), "AP": 1.0}, {"patch_size": 10, "AP": 1.0}], "AP") == (
-        8,
-        16,
-    )
-
-
-# ------------------------------------------------------------------------------------------------ results file
-
-
 def _rounded(image_id, category_ids, boxes, scores) -> list[dict]:
     """The documented rounding: boxes to 0.01 px, scores to 6 significant digits."""
     return [

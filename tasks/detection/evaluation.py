@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -83,26 +82,6 @@ def classwise_nms(
     """Indices kept by non-maximum suppression within each class, best first: for display only (AP is computed on
     the raw top 300, as OWL-ViT evaluates)."""
     return torchvision.ops.batched_nms(boxes_xyxy.float(), scores.float(), classes, iou)
-
-
-def best_patch_size(rows: Sequence[dict], metric: str):
-    """The ``patch_size`` of the row with the highest ``metric`` (NaN counts as lowest); on a tie the larger patch
-    (fewer tokens, the cheaper model) wins. The paper finds the best inference patch size is often not the smallest
-    on detection (Sec. 5.3)."""
-
-    def area(patch) -> int:
-        return patch * patch if isinstance(patch, int) else math.prod(patch)
-
-    def key(row):
-        value = float(row[metric])
-        return (-math.inf if math.isnan(value) else value, area(row["patch_size"]))
-
-    if not rows:
-        raise ValueError(f"best_patch_size: no rows to choose the best {metric} from")
-    return max(rows, key=key)["patch_size"]
-
-
-# ------------------------------------------------------------------------------------------------ results file
 
 
 def _rows(values) -> list:
