@@ -29,7 +29,9 @@ from tasks.common import distributed
 from tasks.common.loader import JointTransform
 from tasks.common.train_state import resolve_checkpoint
 from tasks.common.transforms import as_value_range
+from tasks.contrastive import unwrap
 from tasks.contrastive.model import build_text_tower
+from tasks.segmentation import ensure_generated
 
 from . import data as det_data
 from .evaluation import (
@@ -94,18 +96,6 @@ def _templates(value) -> list[str]:
     return list(TEMPLATES[value]) if isinstance(value, str) else list(value)
 
 
-def ensure_generated(root, generate) -> None:
-    """Write generated scenes at ``root`` when it is missing and ``generate`` (scene settings) is given."""
-    if not generate or root is None or Path(root).exists():
-        return
-    from tasks.common.scenes import SceneSpec, write_scenes
-
-    settings = dict(generate)
-    counts = {k: settings.pop(k) for k in ("num_train", "num_val", "seed")}
-    write_scenes(root, spec=SceneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}),
-                 **counts)  # fmt: skip
-
-
 def _read(data, split: str) -> det_data.DetectionDataset:
     json_path, images = (data.train_json, data.train_images) if split == "train" else (data.val_json, data.val_images)
     if json_path is None or images is None:
@@ -136,7 +126,7 @@ def build_datasets(data, distill=None) -> tuple:
     """
     if distill:
         raise ValueError("detection has no distillation: set distill=None")
-    ensure_generated(data.root, data.generate)
+    ensure_generated("ade20k", data.root, data.generate)  # every annotation format is written with the scenes
     train = _read(data, "train")
     if data.rare_classes is not None:
         rare = list(data.rare_classes)
@@ -250,13 +240,6 @@ def load_model(path: str | Path) -> OwlViT:
     model = OwlViT.from_kwargs(kwargs)
     model.load_state_dict(state)
     return model
-
-
-def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel and torch.compile wrappers."""
-    while (inner := getattr(net, "module", None) or getattr(net, "_orig_mod", None)) is not None:
-        net = inner
-    return net
 
 
 def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
