@@ -49,10 +49,14 @@ def engine_config() -> Config:
     )
 
 
-def parse_arg(arg: str | None) -> dict:
-    """``"runlocal,fixed=16"`` -> ``{"runlocal": True, "fixed": "16"}`` (big_vision's config-arg style)."""
+def parse_arg(arg: str | None, allowed=None) -> dict:
+    """``"runlocal,fixed=16"`` -> ``{"runlocal": True, "fixed": "16"}`` (big_vision's config-arg style); with
+    ``allowed`` (names), an argument outside it is an error instead of being ignored."""
     out = {}
     for token in filter(None, (arg or "").split(",")):
         key, sep, value = token.partition("=")
         out[key] = value if sep else True
+    unknown = sorted(set(out) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {unknown}; this config takes {sorted(allowed)}")
     return out

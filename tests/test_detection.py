@@ -326,3 +326,13 @@ def test_labelme_photos_run_through_inference_end_to_end(tmp_path):
 
 def _width(images, image_id) -> int:
     return next(r.width for r in images.records if r.image_id == image_id)
+
+
+def test_scenes_config_arguments_choose_the_data_and_an_unknown_one_is_refused():
+    plain, textured = load_config("configs/detection/scenes.py"), load_config("configs/detection/scenes.py:textured")
+    assert plain.data.root == "data/scenes_plain" and plain.data.generate["background_value"] == [0.0, 0.0]
+    assert plain.data.generate["max_occlusion"] == 0.0 and not plain.data.drop_rare_images
+    assert textured.data.root == "data/scenes" and "background_value" not in textured.data.generate
+    assert load_config("configs/detection/scenes.py:strict").data.drop_rare_images
+    with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['plain'\]"):
+        load_config("configs/detection/scenes.py:plain")

@@ -311,6 +311,11 @@ def test_remove_classes(lvis):
     assert not no_kettle[0][1]["negatives"].any()  # kettle was image 1's verified negative
     with pytest.raises(KeyError, match="teapot"):
         remove_classes(ds, ["teapot"])
+    # The strict split drops every image that shows a removed class (both images show a mug), keeps the rest whole.
+    assert len(remove_classes(ds, ["mug"], drop_images=True)) == 0
+    strict = remove_classes(ds, ["kettle"], drop_images=True)
+    assert [r.image_id for r in strict.records] == [2] and strict.excluded == {2}  # the kettle was in image 1
+    assert strict.records[0].classes == ds.records[1].classes
     # The train transform takes the exclusion from the dataset: mug never becomes a query, even as a negative.
     tf = TrainTransform(32, dataset=kept, num_queries=3, class_weights=torch.ones(3), crop_area=None, mosaic_probs=None)
     for seed in range(5):

@@ -35,6 +35,7 @@ def base_config() -> Config:
             val_images=None,
             classnames=None,  # names used in the prompts, one per category in id order; None: the JSON's names
             rare_classes=None,  # names removed from training and marked rare ('r') for evaluation; None: the JSON's
+            drop_rare_images=False,  # also drop training images that show a rare class (strict zero-shot split)
             image_size=768,  # the padded square side S
             num_queries=50,  # query slots per training image (positives + verified + random negatives, padded)
             merge_iou=0.9,  # LVIS: boxes of one image overlapping this much are one multi-label instance

@@ -132,7 +132,7 @@ def build_datasets(data, distill=None) -> tuple:
         rare = list(data.rare_classes)
     else:
         rare = [n for n, f in zip(train.classes, train.frequency or [], strict=False) if f == "r"]
-    train = det_data.remove_classes(train, rare) if rare else train
+    train = det_data.remove_classes(train, rare, drop_images=data.drop_rare_images) if rare else train
     value_range = as_value_range(data.value_range)
     crop_area = tuple(data.crop_area) if data.crop_area and tuple(data.crop_area) != (1.0, 1.0) else None
     train_tf = TrainTransform(

@@ -464,13 +464,19 @@ def _class_indices(dataset: DetectionDataset, names: Iterable[str]) -> set[int]:
     return {index_of[n] for n in names}
 
 
-def remove_classes(dataset: DetectionDataset, names: Iterable[str]) -> DetectionDataset:
+def remove_classes(dataset: DetectionDataset, names: Iterable[str], *, drop_images: bool = False) -> DetectionDataset:
     """Training without ``names``: their labels are removed (an instance left with no class is dropped), they leave
     the verified negatives, and they join ``excluded`` so that no query set ever contains them (OWL-ViT's zero-shot
-    APr protocol, docs/reference.md §8). Class indices stay as they are."""
+    APr protocol, docs/reference.md §8). Class indices stay as they are.
+
+    ``drop_images``: also drop every image that shows one of them (the strict zero-shot split): otherwise their
+    unlabelled instances are trained as background, which with a small training vocabulary teaches the detector to
+    score exactly those objects low (docs/detection.md)."""
     drop = _class_indices(dataset, names)
     records = []
     for r in dataset.records:
+        if drop_images and any(c in drop for cs in r.classes for c in cs):
+            continue
         kept = [(m, tuple(c for c in cs if c not in drop)) for m, cs in enumerate(r.classes)]
         kept = [(m, cs) for m, cs in kept if cs]
         records.append(
