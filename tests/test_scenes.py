@@ -319,3 +319,24 @@ def test_cityscapes_layout_copy_reads_back_as_train_ids(root, tmp_path):
         category = np.where(ade_mask == 255, 0, ade_mask.astype(np.int64) + 1)
         ids = np.array([scenes.CITYSCAPES_IDS.get(c, 0) for c in range(256)], np.uint8)[category]
         np.testing.assert_array_equal(mask, table[ids])
+
+
+def test_crop_accuracy_counts_thing_boxes_with_their_labels(root):
+    # A classifier that always says class c is right exactly on the boxes of category id c + 1; the stuff regions
+    # (ids 11, 12) are never counted.
+    from tools.crop_accuracy import crop_accuracy
+
+    anns = load(root / "lvis" / "lvis_val.json")["annotations"]
+    things = [a["category_id"] for a in anns if a["category_id"] <= 10]
+    seen = []
+
+    def always(c):
+        def model(x, patch_size):
+            seen.append((tuple(x.shape), float(x.min()), float(x.max())))
+            return torch.nn.functional.one_hot(torch.tensor([c]), 10).float()
+
+        return model
+
+    for c in sorted({t - 1 for t in things})[:2]:
+        assert crop_accuracy(always(c), root, size=24) == (things.count(c + 1), len(things))
+    assert all(shape == (1, 3, 24, 24) and -1 <= lo <= hi <= 1 for shape, lo, hi in seen)
