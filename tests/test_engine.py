@@ -196,6 +196,20 @@ def test_unknown_config_key_lists_the_valid_ones():
     assert apply_overrides(config, ["train.steps=7", "patch_sizes.sizes=[8, 6]"]).patch_sizes.sizes == [8, 6]
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "configs/classification/fashion_mnist.py:runlocal,fixd=8",
+        "configs/contrastive/fashion_mnist.py:mode=lit,towr=vit16",
+        "configs/segmentation/scenes.py:runlocal,scrach",
+    ],
+)
+def test_a_misspelt_config_argument_is_refused_not_ignored(spec):
+    typo = spec.rsplit(",", 1)[1].split("=")[0]
+    with pytest.raises(ValueError, match=rf"unknown config argument\(s\) \['{typo}'\]; this config takes \["):
+        load_config(spec)
+
+
 @needs_fashion_mnist
 def test_patch_size_that_does_not_fit_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"eval\.patch_sizes: patch size 32 does not fit the 24x24 images"):

@@ -26,7 +26,7 @@ STEPS, WARMUP_STEPS = 3000, 1000  # all steps; steps at patch size 16 only befor
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("fixed", "runlocal"))
     config = base_config()
     config.model.name = "flexivit_mu"
     config.model.overrides = dict(depth=4, base_patch_size=16, posemb_grid=7, patch_size=8)

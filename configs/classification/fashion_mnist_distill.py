@@ -17,7 +17,7 @@ from configs.classification.fashion_mnist import get_config as fashion_mnist_con
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("teacher", "random_init", "runlocal"))
     config = fashion_mnist_config("runlocal" if args.get("runlocal") else None)
     config.distill = distill_config(
         init=args.get("teacher"),

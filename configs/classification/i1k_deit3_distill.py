@@ -21,7 +21,7 @@ IMAGENET_TRAIN = 1_281_167
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("variant", "epochs", "runlocal"))
     variant = args.get("variant", "base")
     if args.get("runlocal"):  # the recipe's plumbing on the embedded data, seconds on a CPU
         return _runlocal(fashion_mnist_config("runlocal"))

@@ -19,7 +19,7 @@ IMAGENET21K_TRAIN = 13_000_000  # roughly; set train.steps from your copy's size
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("epochs", "runlocal"))
     if args.get("runlocal"):
         return _runlocal(fashion_mnist_config("runlocal"))
     # The B/8 teacher sees 224 px (a 28x28 grid): its stored grid is 28x28.

@@ -28,7 +28,7 @@ DATASETS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("dataset", "model", "patch", "lr", "flexi", "runlocal"))
     base = fashion_mnist_config("runlocal") if args.get("runlocal") else None
     config = base_config() if base is None else base
     if base is None:

@@ -34,7 +34,7 @@ TEXT_TOWERS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("mode", "loss", "text", "tower", "runlocal"))
     config = base_config()
     config.model.update(
         name="flexivit_mu",

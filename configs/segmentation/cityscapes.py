@@ -19,7 +19,7 @@ from configs.segmentation.common import apply_common_args, base_config, parse_ar
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("fixed", "runlocal"))
     config = base_config()
     config.model.update(name="flexivit_base", init="flexivit_b_i21k_300ep", overrides=dict(drop_path_rate=0.1))
     config.model.inference.update(mode="slide", crop=768, stride=512)

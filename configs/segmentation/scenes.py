@@ -33,7 +33,7 @@ PATCH_SIZES = [16, 12, 8, 6, 4]
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("scratch", "fixed", "runlocal"))
     config = base_config()
     config.model.update(
         name="flexivit_mu",
