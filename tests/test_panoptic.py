@@ -1,0 +1,216 @@
+"""Panoptic foundations (issue 12): COCO panoptic files, UViM's canonical two-channel target, the stage I quantiser."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from markers import needs_fashion_mnist
+from PIL import Image
+
+from tasks.common import scenes
+from tasks.panoptic import (
+    PanopticDataError,
+    VectorQuantizer,
+    canonical_instances,
+    code_dropout,
+    read_coco_panoptic,
+    write_coco_panoptic,
+)
+
+# ------------------------------------------------------------------------------------------------ canonical order
+
+
+def test_canonical_order_follows_centroids_in_raster_order():
+    instance = torch.zeros(6, 8, dtype=torch.long)
+    instance[4:6, 0:2] = 7  # bottom left: centroid row 4.5
+    instance[0:2, 5:8] = 3  # top right: row 0.5, column 6
+    instance[0:2, 0:2] = 9  # top left: row 0.5, column 0.5
+    instance[2:4, 3:5] = 1  # middle: row 2.5
+    want = torch.zeros_like(instance)
+    want[0:2, 0:2], want[0:2, 5:8], want[2:4, 3:5], want[4:6, 0:2] = 1, 2, 3, 4
+    assert torch.equal(canonical_instances(instance), want)
+    assert torch.equal(canonical_instances(instance, max_instances=2), torch.where(want > 2, 0, want))
+
+
+def test_canonical_order_ignores_how_the_input_numbered_its_segments():
+    rng = np.random.default_rng(0)
+    instance = torch.from_numpy(rng.integers(0, 6, size=(12, 10)))
+    reference = canonical_instances(instance)
+    for seed in range(5):
+        relabel = torch.from_numpy(np.random.default_rng(seed).permutation(1000)[:6] + 1)
+        relabel[0] = 0  # void stays void
+        assert torch.equal(canonical_instances(relabel[instance]), reference)
+    # Equal centroids (a ring around a centre square): the segment whose first pixel comes first wins.
+    ring = torch.full((5, 5), 4)
+    ring[1:4, 1:4] = 2
+    assert canonical_instances(ring).tolist()[0][0] == 1 and canonical_instances(ring)[2, 2] == 2
+
+
+# ------------------------------------------------------------------------------------------------ COCO panoptic files
+
+
+@pytest.fixture(scope="module")
+def panoptic_root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("panoptic") / "scenes"
+    scenes.write_scenes(out, num_train=2, num_val=3, seed=5, spec=scenes.SceneSpec(size=48))
+    return out
+
+
+def split(root, name="val"):
+    folder = {"val": "validation", "train": "training"}[name]
+    return root / "panoptic" / f"panoptic_{name}.json", root / "panoptic" / f"panoptic_{name}", root / "images" / folder
+
+
+@needs_fashion_mnist
+def test_reader_labels_every_segment_with_its_class_and_one_instance(panoptic_root):
+    json_path, png_dir, image_dir = split(panoptic_root)
+    dataset = read_coco_panoptic(json_path, png_dir, image_dir)
+    gt = json.loads(json_path.read_text())
+    assert len(dataset) == 3 and dataset.category_ids == sorted(c["id"] for c in gt["categories"])
+    for k, ann in enumerate(sorted(gt["annotations"], key=lambda a: a["image_id"])):
+        image, semantic, instance = dataset[k]
+        ids = scenes.panoptic_ids(np.asarray(Image.open(png_dir / ann["file_name"]).convert("RGB")))
+        assert image.size == (48, 48) and semantic.shape == instance.shape == (48, 48)
+        for number, segment in enumerate(ann["segments_info"], start=1):
+            mask = torch.from_numpy(ids == segment["id"])
+            assert (semantic[mask] == dataset.category_ids.index(segment["category_id"]) + 1).all()
+            assert (instance[mask] == number).all()
+        assert ((semantic == 0) == torch.from_numpy(ids == 0)).all() and ((instance == 0) == (semantic == 0)).all()
+
+
+@needs_fashion_mnist
+def test_predictions_written_as_coco_panoptic_read_back_the_same(panoptic_root, tmp_path):
+    json_path, png_dir, image_dir = split(panoptic_root)
+    dataset = read_coco_panoptic(json_path, png_dir, image_dir)
+    predictions = []
+    for k, record in enumerate(dataset.records):
+        _, semantic, instance = dataset[k]
+        canonical = canonical_instances(instance).numpy()
+        predictions.append((record.image_id, record.image.name, semantic.numpy(), canonical))
+    out = write_coco_panoptic(predictions, dataset.category_ids, tmp_path / "pred.json", tmp_path / "pred", json_path)
+    again = read_coco_panoptic(out, tmp_path / "pred", image_dir)
+    for k in range(len(dataset)):
+        _, semantic, instance = dataset[k]
+        _, semantic2, instance2 = again[k]
+        assert torch.equal(semantic, semantic2)
+        assert torch.equal(canonical_instances(instance), canonical_instances(instance2))
+    # Segments are keyed by semantic * 1000 + instance: the same instance number in two classes is two segments.
+    written = json.loads(out.read_text())["annotations"][0]["segments_info"]
+    assert len(written) == len(np.unique(predictions[0][2] * 1000 + predictions[0][3])) - 1
+
+
+def corrupt(root, tmp_path, change):
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    json_path, png_dir, image_dir = split(copy)
+    data = json.loads(json_path.read_text())
+    change(data, png_dir)
+    json_path.write_text(json.dumps(data))
+    return read_coco_panoptic(json_path, png_dir, image_dir)
+
+
+@needs_fashion_mnist
+def test_bad_panoptic_files_are_named(panoptic_root, tmp_path):
+    def drop_segment(data, _):
+        data["annotations"][0]["segments_info"].pop(0)
+
+    def extra_segment(data, _):
+        data["annotations"][0]["segments_info"].append(dict(data["annotations"][0]["segments_info"][0], id=424242))
+
+    def unknown_category(data, _):
+        data["annotations"][1]["segments_info"][0]["category_id"] = 999
+
+    def resized_png(data, png_dir):
+        png = png_dir / data["annotations"][0]["file_name"]
+        Image.open(png).resize((40, 40), Image.NEAREST).save(png)
+
+    annotations = json.loads(split(panoptic_root)[0].read_text())["annotations"]
+    changed = sorted(a["image_id"] for a in annotations).index(annotations[0]["image_id"])  # its dataset index
+    for change, pattern in [
+        (drop_segment, r"segment id\(s\) \[\d+\] are in the PNG but not in the segments_info of image"),
+        (extra_segment, r"lists segment id\(s\) \[424242\] that .*\.png does not contain"),
+        (resized_png, r"\.png: the PNG is 40x40, its image \d+ is 48x48"),
+    ]:
+        dataset = corrupt(panoptic_root, tmp_path / change.__name__, change)
+        with pytest.raises(PanopticDataError, match=pattern):
+            dataset.labels(changed)
+        dataset.labels((changed + 1) % len(dataset))  # the untouched images still read
+    with pytest.raises(PanopticDataError, match=r"segment \d+ of image \d+ has category id 999, not one of"):
+        corrupt(panoptic_root, tmp_path / "unknown", unknown_category)
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(PanopticDataError, match=r"missing\.json: missing key 'categories'"):
+        read_coco_panoptic(missing, tmp_path, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ vector quantiser
+
+
+def test_quantiser_picks_the_nearest_normalised_codeword_and_passes_gradients_straight_through():
+    vq = VectorQuantizer(16, 8, seed=1).eval()
+    words = vq.codewords()
+    torch.testing.assert_close(words.norm(dim=-1), torch.ones(16))
+    torch.testing.assert_close(words, vq.sums / vq.sums.norm(dim=-1, keepdim=True))  # counts start at 1
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    quantised, codes = vq(x)
+    brute = torch.cdist(x.detach().reshape(-1, 8), words).argmin(-1).view(3, 5)
+    assert torch.equal(codes, brute)
+    torch.testing.assert_close(quantised.detach(), words[codes], rtol=0, atol=1e-6)  # x + (w - x): rounding only
+    weight = torch.randn(3, 5, 8)
+    (quantised * weight).sum().backward()
+    assert torch.equal(x.grad, weight)  # straight through: d quantised / d x = identity
+    assert torch.equal(vq.counts, torch.ones(16))  # eval mode: no dictionary update
+
+
+def test_one_ema_update_equals_a_hand_computation():
+    vq = VectorQuantizer(4, 3, decay=0.9, min_count=0.0).train()
+    sums, counts = vq.sums.clone(), vq.counts.clone()
+    x = torch.randn(2, 6, 3)
+    _, codes = vq(x)
+    for k in range(4):
+        assigned = x.reshape(-1, 3)[codes.reshape(-1) == k]
+        torch.testing.assert_close(vq.counts[k], counts[k] * 0.9 + len(assigned))
+        torch.testing.assert_close(vq.sums[k], sums[k] * 0.9 + assigned.sum(0))
+    used = torch.bincount(codes.reshape(-1), minlength=4).float()
+    assert vq.last_stats["codebook_max_ratio"] == pytest.approx(float(used.max() / 12))
+    assert vq.last_stats["codebook_zeros_ratio"] == pytest.approx(float((used == 0).float().mean()))
+
+
+def test_a_dead_code_is_reseeded_by_splitting_the_most_used_one():
+    vq = VectorQuantizer(4, 3, min_count=0.1, seed=2)
+    with torch.no_grad():
+        vq.counts.copy_(torch.tensor([5.0, 0.05, 1.0, 2.0]))
+        vq.sums.copy_(torch.arange(12.0).view(4, 3) + 1)
+    before = vq.sums.clone()
+    assert vq.reseed_dead_codes() == 1 and int(vq.num_splits) == 1
+    assert vq.counts.tolist() == [2.5, 2.5, 1.0, 2.0]
+    torch.testing.assert_close(vq.sums[0], before[0] / 2)
+    ratio = vq.sums[1] / (before[0] / 2)  # the copy, perturbed per dimension within 0.1 %
+    assert ((ratio - 1).abs() <= 1e-3).all() and not torch.equal(vq.sums[1], vq.sums[0])
+    torch.testing.assert_close(vq.sums[2:], before[2:])
+    # The perturbation is a function of (seed, splits so far): another quantiser in the same state splits the same.
+    twin = VectorQuantizer(4, 3, min_count=0.1, seed=2)
+    with torch.no_grad():
+        twin.counts.copy_(torch.tensor([5.0, 0.05, 1.0, 2.0]))
+        twin.sums.copy_(before)
+    torch.rand(3)  # the global RNG does not matter
+    twin.reseed_dead_codes()
+    assert torch.equal(twin.sums, vq.sums)
+
+
+def test_code_dropout_keeps_a_prefix_or_as_many_random_codes():
+    codes = torch.ones(64, 10, 4)
+    generator = torch.Generator().manual_seed(0)
+    kept = code_dropout(codes, "prefix", generator)[..., 0]
+    lengths = kept.sum(-1)
+    for row, n in zip(kept, lengths.long(), strict=True):
+        assert row[:n].all() and not row[n:].any()  # a prefix: the most important codes first
+    assert lengths.min() < 3 and lengths.max() > 7  # thresholds ~ U(0, 1) reach both ends over 64 examples
+    random = code_dropout(codes, "random", torch.Generator().manual_seed(0))[..., 0]
+    assert torch.equal(random.sum(-1), lengths)  # the same counts, other positions
+    assert not torch.equal(random, kept)
+    assert torch.equal(code_dropout(codes, "none"), codes)
+    with pytest.raises(ValueError, match="'none', 'prefix' or 'random'"):
+        code_dropout(codes, "half")
