@@ -214,3 +214,98 @@ def test_code_dropout_keeps_a_prefix_or_as_many_random_codes():
     assert torch.equal(code_dropout(codes, "none"), codes)
     with pytest.raises(ValueError, match="'none', 'prefix' or 'random'"):
         code_dropout(codes, "half")
+
+
+# ------------------------------------------------------------------------------------------------ stage I oracle
+
+
+def tiny_oracle(**kwargs):
+    from tasks.panoptic.stage1 import Oracle
+
+    args = dict(num_classes=4, max_instances=5, image_size=24, patch_size=4, code_len=4, dict_size=32, width=32,
+                enc_depth=1, dec_depth=1, num_heads=2)  # fmt: skip
+    return Oracle(**{**args, **kwargs})
+
+
+def toy_targets(batch=4, size=24, seed=0):
+    """Images whose rectangles carry their class as brightness, with class and instance maps."""
+    g = torch.Generator().manual_seed(seed)
+    semantic = torch.zeros(batch, size, size, dtype=torch.long)
+    instance = torch.zeros_like(semantic)
+    for b in range(batch):
+        for number in range(1, 3):
+            y, x = torch.randint(0, size - 8, (2,), generator=g).tolist()
+            cls = int(torch.randint(1, 4, (1,), generator=g))
+            semantic[b, y : y + 8, x : x + 8], instance[b, y : y + 8, x : x + 8] = cls, number
+        instance[b] = canonical_instances(instance[b])
+    images = (semantic.float() / 3)[:, None].expand(-1, 3, -1, -1).contiguous()
+    return images, semantic, instance
+
+
+def test_oracle_unpatchify_puts_each_patch_pixel_in_its_place():
+    oracle = tiny_oracle()
+    x = torch.randn(2, 36, 4 * 16)  # (B, 6x6 patches, channels 4 x 4 x 4)
+    out = oracle._unpatchify(x, 4)
+    for i, j, c, u, v in [(0, 0, 0, 0, 0), (2, 5, 3, 1, 2), (5, 1, 2, 3, 3)]:
+        assert out[1, c, i * 4 + u, j * 4 + v] == x[1, i * 6 + j, c * 16 + u * 4 + v]
+
+
+def test_oracle_codes_and_logits_have_the_configured_shapes_and_no_instance_is_an_empty_one_hot():
+    from tasks.panoptic.stage1 import oracle_loss
+
+    oracle = tiny_oracle()
+    images, semantic, instance = toy_targets()
+    out = oracle(images, semantic, instance)
+    assert out["codes"].shape == (4, 4) and out["codes"].max() < 32
+    assert out["semantic"].shape == (4, 4, 24, 24) and out["instance"].shape == (4, 5, 24, 24)
+    # Zero-initialised heads: uniform predictions, so the loss is log K + log I exactly.
+    loss, terms = oracle_loss(out, semantic, instance)
+    assert terms["semantic"].item() == pytest.approx(np.log(4)) and terms["instance"].item() == pytest.approx(np.log(5))
+    _, ins = oracle._one_hot(semantic, instance)
+    assert ins.shape == (4, 5, 24, 24) and torch.equal(ins.argmax(1), instance) and (ins.sum(1) == 1).all()
+    _, ignored = oracle._one_hot(semantic, torch.full_like(instance, -1))
+    assert ignored.sum() == 0  # a negative id (ignored pixel) is an empty one-hot
+    ignore_all = oracle_loss(out, semantic, torch.full_like(instance, -1))[1]["instance"]
+    assert ignore_all == 0  # nothing to learn from ignored pixels (not 0 / 0)
+    with pytest.raises(ValueError, match=r"semantic classes must lie in 0\.\.3"):
+        oracle(images, semantic + 1, instance)
+    with pytest.raises(ValueError, match="code_len 5 must be a square number"):
+        tiny_oracle(code_len=5)
+
+
+def test_to_panoptic_classes_an_instance_by_its_summed_semantic_logits():
+    from tasks.panoptic.stage1 import to_panoptic
+
+    instance_logits = torch.zeros(1, 3, 1, 5)
+    semantic_logits = torch.zeros(1, 3, 1, 5)
+    instance_logits[0, 1, 0, :3] = 1  # pixels 0-2: instance 1; pixel 3: instance 2; pixel 4: in no segment
+    instance_logits[0, 2, 0, 3] = 1
+    instance_logits[0, 0, 0, 4] = 1
+    semantic_logits[0, 1, 0, 4] = 9.0  # ignored: pixel 4 is in no segment
+    semantic_logits[0, 1, 0, :2] = 1.0  # two pixels vote class 1 a little ...
+    semantic_logits[0, 2, 0, 2] = 5.0  # ... one pixel votes class 2 a lot: the sum says 2
+    semantic_logits[0, 0, 0, 3] = 1.0  # instance 2 is void
+    semantic, instance = to_panoptic({"semantic": semantic_logits, "instance": instance_logits})
+    assert semantic.tolist() == [[[2, 2, 2, 0, 0]]] and instance.tolist() == [[[1, 1, 1, 0, 0]]]
+
+
+def test_oracle_learns_to_reconstruct_a_fixed_batch():
+    from tasks.panoptic.stage1 import oracle_loss, to_panoptic
+
+    torch.manual_seed(0)
+    oracle = tiny_oracle(code_len=9, dict_size=64).train()
+    images, semantic, instance = toy_targets()
+    optimizer = torch.optim.AdamW(oracle.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss, _ = oracle_loss(oracle(images, semantic, instance), semantic, instance)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    oracle.eval()
+    with torch.no_grad():
+        got_semantic, got_instance = to_panoptic(oracle(images, semantic, instance))
+    assert loss.item() < 0.2 * first
+    assert (got_semantic == semantic).float().mean() > 0.95
+    assert (got_instance == instance).float().mean() > 0.9

@@ -6,9 +6,11 @@ What exists so far:
                  canonical instance order, and the COCO panoptic writer for predictions (pq_compute's input)
     vq.py        the stage I vector quantiser: L2-normalised codewords, EMA updates, dead-code re-seeding, code
                  dropout, straight-through gradient
+    stage1.py    the restricted oracle (per-patch one-hot embeddings + image context, ViT encoder, code grid, VQ,
+                 ViT decoder with image context, per-pixel heads), its loss, and logits -> panoptic maps
 
-Not yet: the stage I oracle, the stage II FlexiViT encoder + autoregressive decoder, their entry point and the
-PQ sweep (issue 12).
+Not yet: stage II (the FlexiViT encoder and the autoregressive code decoder), the entry point that trains both
+stages, and the PQ sweep (issue 12).
 """
 
 from .targets import (
