@@ -309,3 +309,81 @@ def test_oracle_learns_to_reconstruct_a_fixed_batch():
     assert loss.item() < 0.2 * first
     assert (got_semantic == semantic).float().mean() > 0.95
     assert (got_instance == instance).float().mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------------ stage II
+
+
+def tiny_stage2(dict_size=12, code_len=6):
+    import flexivit
+    from tasks.panoptic.stage2 import CodeDecoder, Stage2
+
+    encoder = flexivit.create_model("flexivit_mu", depth=1, width=32, num_heads=2, num_classes=0)
+    return Stage2(encoder, CodeDecoder(dict_size, code_len, width=24, depth=2, num_heads=2))
+
+
+def test_decoding_with_the_cache_equals_decoding_without_it():
+    torch.manual_seed(0)
+    model = tiny_stage2().eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.decoder.head.weight, std=1.0)  # spread logits: greedy choices are not ties
+    images = torch.randn(3, 3, 48, 48)
+    memory = model.memory(images, patch_size=8)
+    cached = model.decoder.generate(memory, use_cache=True)
+    uncached = model.decoder.generate(memory, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape == (3, 6) and 0 <= cached.min() and cached.max() < 12
+    # Token by token, the cached step's logits equal the full causal forward's at that position.
+    decoder = model.decoder
+    with torch.no_grad():
+        logits = decoder(cached, memory)
+        tokens = torch.cat([torch.zeros_like(cached[:, :1]), cached[:, :-1] + 1], dim=1)
+        caches = [{} for _ in decoder.layers]
+        for t in range(6):
+            x = decoder.embed(tokens[:, t : t + 1]) + decoder.posemb[:, t : t + 1]
+            for layer, cache in zip(decoder.layers, caches, strict=True):
+                x = layer(x, memory, cache)
+            torch.testing.assert_close(decoder.head(decoder.norm(x[:, -1])), logits[:, t], rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits[..., 1:].argmax(-1), cached)  # teacher forcing on the greedy codes re-picks them
+    sampled = model.decoder.generate(memory, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    same = model.decoder.generate(memory, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, same) and not torch.equal(sampled, cached)
+
+
+def test_teacher_forcing_is_causal_and_the_memory_follows_the_patch_size():
+    torch.manual_seed(0)
+    model = tiny_stage2().eval()
+    images = torch.randn(2, 3, 48, 48)
+    codes = torch.randint(0, 12, (2, 6))
+    with torch.no_grad():
+        memory = model.memory(images, patch_size=8)
+        logits = model.decoder(codes, memory)
+        changed = codes.clone()
+        changed[:, 3] = (changed[:, 3] + 1) % 12
+        other = model.decoder(changed, memory)
+    # Position t sees codes before t only: changing code 3 leaves the logits of positions 0..3 as they were.
+    torch.testing.assert_close(other[:, :4], logits[:, :4])
+    assert (other[:, 4:] - logits[:, 4:]).abs().max() > 1e-4
+    assert model.memory(images, patch_size=8).shape == (2, 1 + 36, 24)
+    assert model.memory(images, patch_size=16).shape == (2, 1 + 9, 24)  # one decoder for every grid
+    with torch.no_grad():
+        far = images.clone()
+        far[:, :, -8:, -8:] += 3.0  # only the last patch at p8 changes
+        assert (model(far, codes, patch_size=8) - model(images, codes, patch_size=8)).abs().max() > 1e-4
+
+
+def test_stage2_learns_the_codes_of_two_images():
+    from tasks.panoptic.stage2 import code_loss
+
+    torch.manual_seed(0)
+    model = tiny_stage2().train()
+    images = torch.randn(2, 3, 48, 48)
+    codes = torch.randint(0, 12, (2, 6), generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(120):
+        loss = code_loss(model(images, codes, patch_size=[16, 8][step % 2]), codes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    for patch in (16, 8):
+        assert torch.equal(model.generate(images, patch_size=patch), codes), patch

@@ -8,11 +8,15 @@ What exists so far:
                  dropout, straight-through gradient
     stage1.py    the restricted oracle (per-patch one-hot embeddings + image context, ViT encoder, code grid, VQ,
                  ViT decoder with image context, per-pixel heads), its loss, and logits -> panoptic maps
+    stage2.py    a FlexiViT encoder (any patch size per call) and an autoregressive code decoder (causal self-attention,
+                 cross-attention to the image tokens, teacher forcing, greedy / temperature decoding with a KV cache)
 
-Not yet: stage II (the FlexiViT encoder and the autoregressive code decoder), the entry point that trains both
-stages, and the PQ sweep (issue 12).
+Not yet: the entry point that trains both stages on the engine's pieces, the PQ sweep through panopticapi and the
+embedded demo (issue 12).
 """
 
+from .stage1 import Oracle, oracle_loss, to_panoptic
+from .stage2 import CodeDecoder, Stage2, code_loss
 from .targets import (
     VOID,
     PanopticDataError,
@@ -26,12 +30,18 @@ from .vq import VectorQuantizer, code_dropout
 
 __all__ = [
     "VOID",
+    "CodeDecoder",
+    "Oracle",
+    "Stage2",
     "PanopticDataError",
     "PanopticDataset",
     "VectorQuantizer",
     "canonical_instances",
     "code_dropout",
+    "code_loss",
+    "oracle_loss",
     "read_coco_panoptic",
     "segments_from_prediction",
+    "to_panoptic",
     "write_coco_panoptic",
 ]
