@@ -387,3 +387,37 @@ def test_stage2_learns_the_codes_of_two_images():
     model.eval()
     for patch in (16, 8):
         assert torch.equal(model.generate(images, patch_size=patch), codes), patch
+
+
+# ------------------------------------------------------------------------------------------------ PQ
+
+
+@needs_fashion_mnist
+def test_written_predictions_score_pq_100_and_a_missed_segment_costs_exactly_its_share(panoptic_root, tmp_path):
+    pytest.importorskip(
+        "panopticapi.evaluation", reason="panopticapi not installed (pip install --no-deps panopticapi-lite)"
+    )
+    from tasks.panoptic.evaluation import panoptic_metrics, pq_compute
+
+    json_path, png_dir, image_dir = split(panoptic_root)
+    dataset = read_coco_panoptic(json_path, png_dir, image_dir)
+    maps = [(r.image_id, r.image.name, *[m.numpy() for m in dataset[k][1:]]) for k, r in enumerate(dataset.records)]
+    out = write_coco_panoptic(maps, dataset.category_ids, tmp_path / "p.json", tmp_path / "p", json_path)
+    perfect = panoptic_metrics(pq_compute(json_path, out, png_dir, tmp_path / "p"))
+    assert perfect["PQ"] == pytest.approx(100.0) and perfect["SQ"] == pytest.approx(100.0)
+    # Erase one thing segment of image 0: its category gets one FN; with n_c segments of that category in all,
+    # its PQ becomes n_c - 1 / (n_c - 1 + 1/2) and every other category stays at 1.
+    image_id, name, semantic, instance = maps[0]
+    thing = next(i for i in np.unique(instance) if i and dataset.isthing[semantic[instance == i][0] - 1])
+    label = int(semantic[instance == thing][0])
+    maps[0] = (image_id, name, np.where(instance == thing, 0, semantic), np.where(instance == thing, 0, instance))
+    out = write_coco_panoptic(maps, dataset.category_ids, tmp_path / "q.json", tmp_path / "q", json_path)
+    result = pq_compute(json_path, out, png_dir, tmp_path / "q")
+    gt = json.loads(json_path.read_text())
+    category = dataset.category_ids[label - 1]
+    n = sum(s["category_id"] == category for a in gt["annotations"] for s in a["segments_info"])
+    assert result["per_class"][category]["pq"] == pytest.approx((n - 1) / (n - 0.5))
+    present = {s["category_id"] for a in gt["annotations"] for s in a["segments_info"]} - {category}
+    others = [result["per_class"][c]["pq"] for c in present]
+    assert others and all(v == pytest.approx(1.0) for v in others)
+    assert panoptic_metrics(result)["PQ"] == pytest.approx(100 * result["All"]["pq"])

