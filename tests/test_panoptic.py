@@ -421,3 +421,49 @@ def test_written_predictions_score_pq_100_and_a_missed_segment_costs_exactly_its
     others = [result["per_class"][c]["pq"] for c in present]
     assert others and all(v == pytest.approx(1.0) for v in others)
     assert panoptic_metrics(result)["PQ"] == pytest.approx(100 * result["All"]["pq"])
+
+
+# ------------------------------------------------------------------------------------------------ both stages
+
+
+@needs_fashion_mnist
+def test_both_stages_train_resume_evaluate_and_rebuild_from_their_checkpoints(tmp_path):
+    pytest.importorskip(
+        "panopticapi.evaluation", reason="panopticapi not installed (pip install --no-deps panopticapi-lite)"
+    )
+    import flexivit
+    from tasks.common.config import load_config
+    from tasks.panoptic import stage1, stage2
+    from tools import eval as eval_tool
+    from tools import train
+
+    config1 = "configs/panoptic/scenes.py:stage=1,runlocal"
+    oracle_dir, stage2_dir = tmp_path / "oracle", tmp_path / "stage2"
+    results = train.main(["--config", config1, "--workdir", str(oracle_dir)])
+    assert set(results) == {8} and 0 <= results[8]["PQ"] <= 100 and {"SQ", "RQ", "PQ_st"} <= set(results[8])
+    oracle = stage1.load_model(oracle_dir)
+    state, _ = flexivit.read_checkpoint(stage1.resolve_checkpoint(oracle_dir))
+    assert all(torch.equal(oracle.state_dict()[k], v) for k, v in state.items())
+    assert not torch.equal(oracle.quantizer.counts, torch.ones_like(oracle.quantizer.counts))  # the EMA ran
+
+    config2 = "configs/panoptic/scenes.py:stage=2,runlocal"
+    common = ["--config", config2, "--set", f"model.oracle={oracle_dir}"]
+    with pytest.raises(SystemExit, match="interrupted after step 2"):
+        train.main([*common, "--workdir", str(stage2_dir), "--interrupt-after", "2"])
+    results = train.main([*common, "--workdir", str(stage2_dir), "--resume"])
+    assert set(results) == {16, 12, 8} and all(0 <= r["PQ"] <= 100 for r in results.values())
+    sampler_cfg = load_config(config2).patch_sizes
+    sampler = flexivit.build_sampler(**sampler_cfg, seed=0)
+    drawn = [json.loads(line)["patch_size"] for line in (stage2_dir / "patch_sizes.jsonl").read_text().splitlines()]
+    assert [flexivit.pi_resize.to_2tuple(p) for p in drawn] == [
+        flexivit.pi_resize.to_2tuple(sampler(s)) for s in range(4)
+    ]
+    model = stage2.load_model(stage2_dir)
+    # Stage II never changes its oracle: the dictionary and weights are the stage I checkpoint's.
+    assert all(torch.equal(model.oracle.state_dict()[k], v) for k, v in oracle.state_dict().items())
+    rows = eval_tool.main(["--workdir", str(stage2_dir), "--no-timing"])
+    assert [r["patch_size"] for r in rows] == [16, 12, 8] and [r["best"] for r in rows].count("yes") == 1
+    with pytest.raises(ValueError, match=r"the oracle has code_len 4, but model.code_len is 9"):
+        train.main([*common, "model.code_len=9", "--workdir", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="model.oracle must name the stage I workdir"):
+        train.main(["--config", config2, "--workdir", str(tmp_path / "none")])

@@ -21,9 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import flexivit
 from flexivit.model import Block
+from tasks.common.train_state import resolve_checkpoint
 
+from .data import build_datasets, evaluate_pq
 from .vq import VectorQuantizer, code_dropout
+
+__all__ = [
+    "Oracle",
+    "build_datasets",
+    "build_model",
+    "evaluate",
+    "load_model",
+    "oracle_loss",
+    "to_panoptic",
+    "train_loss",
+]
 
 
 def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Sequential:
@@ -183,3 +197,58 @@ def to_panoptic(logits: dict) -> tuple[torch.Tensor, torch.Tensor]:
     semantic = torch.gather(classes, 1, instance.view(b, -1)).view_as(instance)
     void = (instance == 0) | (semantic == 0)
     return torch.where(void, 0, semantic), torch.where(void, 0, instance)
+
+
+# ---------------------------------------------------------------------------------------------- the task face
+# ``task="panoptic.stage1"``: tools/train.py trains the oracle with these (tasks/__init__.py lists the interface).
+
+
+def build_model(model_cfg, info) -> Oracle:
+    """The oracle for the dataset's classes (+ void) and the data's image size; sizes from ``model_cfg``."""
+    return Oracle(
+        info["num_classes"],
+        info["max_instances"],
+        image_size=info["image_size"],
+        patch_size=model_cfg.patch_size,
+        code_len=model_cfg.code_len,
+        dict_size=model_cfg.dict_size,
+        width=model_cfg.width,
+        enc_depth=model_cfg.enc_depth,
+        dec_depth=model_cfg.dec_depth,
+        num_heads=model_cfg.num_heads,
+        mlp_ratio=model_cfg.mlp_ratio,
+        code_dropout=model_cfg.code_dropout,
+        seed=model_cfg.seed,
+    )
+
+
+def load_model(path) -> Oracle:
+    """Rebuild an oracle from a checkpoint the engine wrote (a file or a workdir), from the file alone."""
+    path = resolve_checkpoint(path)
+    state, meta = flexivit.read_checkpoint(path)
+    kwargs = dict(meta.get("model_kwargs") or {})
+    if "code_len" not in kwargs or "dict_size" not in kwargs:
+        raise flexivit.CheckpointError(f"{path} is not a UViM stage I checkpoint (no code_len / dict_size saved)")
+    model = Oracle(kwargs.pop("num_classes"), kwargs.pop("max_instances"), **kwargs)
+    model.load_state_dict(state)
+    return model
+
+
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
+    """The oracle's reconstruction loss; stage I has one patch size, so the step's ``patch_size`` is not used."""
+    images, semantic, instance = batch
+    return oracle_loss(net(images, semantic, instance), semantic, instance)
+
+
+def evaluate(model: Oracle, val_set, patch_sizes, device, autocast_dtype=None, batch_size: int = 8) -> dict:
+    """The oracle's PQ (the upper bound stage II can reach), under its one patch size (the first of ``patch_sizes``)."""
+    was_training = model.training
+    model.eval()
+
+    def predict(images, semantic, instance, patch):
+        encoded = model.encode(images, semantic, instance, update_dict=False)
+        return to_panoptic(model.decode(encoded["quantised"], images))
+
+    results = evaluate_pq(predict, val_set, patch_sizes[:1], device, batch_size)
+    model.train(was_training)
+    return results

@@ -15,7 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import flexivit
 from flexivit.model import FlexiViT, Mlp
+from tasks.common.train_state import resolve_checkpoint
+from tasks.contrastive import unwrap
+
+from . import stage1
+from .data import build_datasets, evaluate_pq
+from .stage1 import Oracle, to_panoptic
+
+__all__ = [
+    "CodeDecoder",
+    "Stage2",
+    "UViM",
+    "build_datasets",
+    "build_model",
+    "evaluate",
+    "image_forward",
+    "load_model",
+    "train_loss",
+]
 
 BOS = 0  # the beginning-of-sequence token; code k is token k + 1
 
@@ -155,3 +174,117 @@ class Stage2(nn.Module):
 def code_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy against the targets ``codes + 1``."""
     return F.cross_entropy(logits.float().flatten(0, 1), (codes + 1).flatten())
+
+
+class UViM(nn.Module):
+    """Stage II together with the frozen stage I oracle whose codes it learns to predict (and whose decoder turns
+    predicted codes into maps). The oracle stays in eval mode: its dictionary never changes in stage II."""
+
+    def __init__(self, stage2: Stage2, oracle: Oracle):
+        super().__init__()
+        self.stage2, self.oracle = stage2, oracle
+        oracle.requires_grad_(False)
+        decoder = stage2.decoder
+        self.kwargs = dict(
+            encoder=dict(stage2.encoder.kwargs),
+            decoder=dict(
+                width=decoder.embed.embedding_dim,
+                depth=len(decoder.layers),
+                num_heads=decoder.layers[0].self_attn.num_heads,
+                mlp_ratio=decoder.layers[0].mlp.fc1.out_features / decoder.embed.embedding_dim,
+            ),
+            oracle=dict(oracle.kwargs),
+        )
+
+    def train(self, mode: bool = True) -> UViM:
+        super().train(mode)
+        self.oracle.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, codes: torch.Tensor, patch_size=None) -> torch.Tensor:
+        return self.stage2(images, codes, patch_size)
+
+    @torch.no_grad()
+    def target_codes(self, images, semantic, instance) -> torch.Tensor:
+        return self.oracle.encode(images, semantic, instance, update_dict=False)["codes"]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, patch_size=None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> ``(semantic, instance)`` maps at the model size: codes decoded by stage II at ``patch_size``,
+        then the oracle's decoder (with the image as its context)."""
+        codes = self.stage2.generate(images, patch_size, **generate_kwargs)
+        return to_panoptic(self.oracle.decode(codes, images))
+
+
+def _decoder(oracle: Oracle, width: int, depth: int, num_heads: int, mlp_ratio: float) -> CodeDecoder:
+    return CodeDecoder(oracle.quantizer.dict_size, oracle.kwargs["code_len"], width, depth, num_heads, mlp_ratio)
+
+
+# ---------------------------------------------------------------------------------------------- the task face
+# ``task="panoptic.stage2"``: tools/train.py trains stage II with these; tools.eval sweeps its patch sizes.
+
+
+def build_model(model_cfg, info) -> UViM:
+    """Stage II on the oracle of ``model_cfg.oracle`` (a stage I workdir or checkpoint), its encoder a FlexiViT
+    (``model_cfg.name`` / ``overrides``, weights from ``model_cfg.init`` by flexivit.create_model's rules)."""
+    if not model_cfg.oracle:
+        raise ValueError("model.oracle must name the stage I workdir or checkpoint whose codes stage II predicts")
+    oracle = stage1.load_model(model_cfg.oracle)
+    source = resolve_checkpoint(model_cfg.oracle)
+    for key, want in (("code_len", model_cfg.code_len), ("dict_size", model_cfg.dict_size)):
+        if want is not None and oracle.kwargs[key] != want:
+            raise ValueError(f"{source}: the oracle has {key} {oracle.kwargs[key]}, but model.{key} is {want}")
+    for key in ("num_classes", "image_size", "max_instances"):
+        if oracle.kwargs[key] != info[key]:
+            raise ValueError(
+                f"{source}: the oracle was trained with {key} {oracle.kwargs[key]}, the data has {info[key]}"
+            )
+    encoder = flexivit.create_model(
+        model_cfg.name, pretrained=model_cfg.init, **{**(model_cfg.overrides or {}), "num_classes": 0}
+    )
+    decoder = _decoder(oracle, model_cfg.decoder_width, model_cfg.decoder_depth, model_cfg.decoder_heads, 4.0)
+    return UViM(Stage2(encoder, decoder), oracle)
+
+
+def load_model(path) -> UViM:
+    """Rebuild a stage II model (with its oracle) from a checkpoint the engine wrote, from the file alone."""
+    path = resolve_checkpoint(path)
+    state, meta = flexivit.read_checkpoint(path)
+    kwargs = meta.get("model_kwargs") or {}
+    if not {"encoder", "decoder", "oracle"} <= set(kwargs):
+        raise flexivit.CheckpointError(f"{path} is not a UViM stage II checkpoint (no encoder / decoder / oracle)")
+    oracle_kwargs = dict(kwargs["oracle"])
+    oracle = Oracle(oracle_kwargs.pop("num_classes"), oracle_kwargs.pop("max_instances"), **oracle_kwargs)
+    model = UViM(Stage2(FlexiViT(**kwargs["encoder"]), _decoder(oracle, **kwargs["decoder"])), oracle)
+    model.load_state_dict(state)
+    return model
+
+
+def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
+    """Token cross-entropy of the oracle's codes of the ground truth, teacher-forced, at the step's patch size."""
+    images, semantic, instance = batch
+    codes = unwrap(net).target_codes(images, semantic, instance)
+    logits = net(images, codes, patch_size=patch_size)
+    loss = code_loss(logits, codes)
+    accuracy = (logits.detach()[..., 1:].argmax(-1) == codes).float().mean()
+    return loss, {"code_ce": loss.detach(), "code_accuracy": accuracy}
+
+
+def evaluate(model: UViM, val_set, patch_sizes, device, autocast_dtype=None, batch_size: int = 8) -> dict:
+    """PQ at every patch size: codes decoded greedily by stage II, maps by the oracle's decoder."""
+    was_training = model.training
+    model.eval()
+    results = evaluate_pq(
+        lambda images, s, i, patch: model.predict(images, patch), val_set, patch_sizes, device, batch_size
+    )
+    model.train(was_training)
+    return results
+
+
+def image_forward(model: UViM):
+    """What tools.eval counts and times: the whole inference — encoder, greedy code decoding, the oracle's decoder."""
+
+    def forward(images, patch_size=None):
+        return model.predict(images, patch_size)
+
+    return forward

@@ -1,0 +1,147 @@
+"""The panoptic task's data face for the engine (shared by both UViM stages): transforms, datasets, PQ evaluation.
+
+Training items are ``(image, semantic, instance)`` at the square model size: flip and a random crop (UViM's
+inception crop), the image resized bilinearly and the labels by nearest neighbour, the instance ids made canonical
+*after* the augmentation (docs/reference.md §10). Evaluation predicts at the model size, resizes the maps back to
+each image's own size by nearest neighbour, writes COCO panoptic files and scores them with ``pq_compute``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from tasks.common import distributed
+from tasks.common.loader import JointTransform
+from tasks.common.transforms import as_value_range
+
+from .evaluation import panoptic_metrics, pq_compute
+from .targets import PanopticDataset, canonical_instances, read_coco_panoptic, write_coco_panoptic
+
+
+def _to_model_input(image: torch.Tensor, value_range) -> torch.Tensor:
+    low, high = value_range
+    return image.float() / 255 * (high - low) + low
+
+
+class TrainTransform:
+    """(PIL image, semantic, instance) -> (image (3, S, S) in ``value_range``, semantic (S, S), instance (S, S))."""
+
+    def __init__(self, size: int, crop_area, hflip: bool, value_range, max_instances: int):
+        ops = [v2.RandomResizedCrop(size, scale=tuple(crop_area), ratio=(3 / 4, 4 / 3), antialias=True)]
+        self.ops = v2.Compose([*ops, *([v2.RandomHorizontalFlip()] if hflip else [])])
+        self.value_range, self.max_instances = value_range, max_instances
+
+    def __call__(self, image, semantic, instance):
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(image))
+        image, semantic, instance = self.ops(image, tv_tensors.Mask(semantic), tv_tensors.Mask(instance))
+        instance = canonical_instances(instance.as_subclass(torch.Tensor), self.max_instances - 1)
+        return (
+            _to_model_input(image.as_subclass(torch.Tensor), self.value_range),
+            semantic.as_subclass(torch.Tensor),
+            instance,
+        )
+
+
+class EvalTransform:
+    """The whole image and its labels resized to the square model size (labels nearest, instances canonical)."""
+
+    def __init__(self, size: int, value_range, max_instances: int):
+        self.size, self.value_range, self.max_instances = size, value_range, max_instances
+
+    def __call__(self, image, semantic, instance):
+        image = v2.functional.pil_to_tensor(image)
+        image = v2.functional.resize(image, [self.size, self.size], antialias=True)
+        labels = torch.stack([semantic, instance])[None].float()
+        semantic, instance = F.interpolate(labels, size=(self.size, self.size), mode="nearest")[0].long()
+        return _to_model_input(image, self.value_range), semantic, canonical_instances(instance, self.max_instances - 1)
+
+
+@dataclass
+class EvalSet:
+    """What :func:`evaluate_pq` needs: the images (with the eval transform) and the ground-truth files."""
+
+    images: PanopticDataset
+    gt_json: Path
+    gt_dir: Path
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _split(data, split: str) -> PanopticDataset:
+    root = Path(data.root)
+    folder = data.train_split if split == "train" else data.val_split
+    name = "train" if split == "train" else "val"
+    return read_coco_panoptic(
+        root / "panoptic" / f"panoptic_{name}.json", root / "panoptic" / f"panoptic_{name}", root / "images" / folder
+    )
+
+
+def build_datasets(data, distill=None) -> tuple:
+    """``(train set, joint train transform, EvalSet, info)`` from a COCO panoptic layout at ``data.root``
+    (``panoptic/panoptic_{train,val}.json`` + PNG folders, ``images/<split>``); generated scenes are written there
+    first when ``data.generate`` is set and the folder is missing."""
+    if distill:
+        raise ValueError("panoptic has no distillation: set distill=None")
+    from tasks.segmentation import ensure_generated
+
+    ensure_generated("ade20k", data.root, data.generate)  # the scenes are written in every format at once
+    value_range = as_value_range(data.value_range)
+    train, val = _split(data, "train"), _split(data, "val")
+    if train.category_ids != val.category_ids:
+        raise ValueError(f"{train.json_path} and {val.json_path} have different categories")
+    if data.train_examples:
+        train.records = train.records[: data.train_examples]
+    if data.val_examples:
+        val.records = val.records[: data.val_examples]
+    train_tf = TrainTransform(data.image_size, data.crop_area, data.hflip, value_range, data.max_instances)
+    val.transform = EvalTransform(data.image_size, value_range, data.max_instances)
+    info = {
+        "num_classes": len(train.classes) + 1,  # + void
+        "image_size": data.image_size,
+        "max_instances": data.max_instances,
+        "category_ids": train.category_ids,
+    }
+    return train, JointTransform(train_tf), EvalSet(val, val.json_path, val.records[0].png.parent), info
+
+
+@torch.no_grad()
+def evaluate_pq(predict, val_set: EvalSet, patch_sizes, device, batch_size: int = 8, results_dir=None) -> dict:
+    """``{patch: PQ metrics (percent)}``: ``predict(images, semantic, instance, patch) -> (semantic, instance)``
+    maps at the model size for each batch; they are resized to each image's size, written and scored by
+    ``pq_compute``. The main process evaluates every image (the others get its numbers)."""
+    dataset = val_set.images
+    results = {}
+    for patch in patch_sizes:
+        metrics = {}
+        if distributed.is_main():
+            predictions = []
+            for start in range(0, len(dataset), batch_size):
+                items = [dataset[k] for k in range(start, min(start + batch_size, len(dataset)))]
+                images, semantic, instance = (torch.stack(parts).to(device) for parts in zip(*items, strict=True))
+                got_semantic, got_instance = predict(images, semantic, instance, patch)
+                for k, record in enumerate(dataset.records[start : start + len(items)]):
+                    maps = torch.stack([got_semantic[k], got_instance[k]])[None].float()
+                    maps = F.interpolate(maps, size=(record.height, record.width), mode="nearest")[0].long().cpu()
+                    predictions.append((record.image_id, record.image.name, maps[0].numpy(), maps[1].numpy()))
+            with tempfile.TemporaryDirectory(prefix="flexivit-panoptic-") as tmp:
+                out = Path(results_dir or tmp) / f"p{patch}"
+                out_json = write_coco_panoptic(
+                    predictions, dataset.category_ids, out.with_suffix(".json"), out, val_set.gt_json
+                )
+                metrics = panoptic_metrics(pq_compute(val_set.gt_json, out_json, val_set.gt_dir, out))
+        results[patch] = _broadcast(metrics)
+    return results
+
+
+def _broadcast(metrics: dict) -> dict:
+    if distributed.world_size() == 1:
+        return metrics
+    return distributed.all_gather_object(metrics)[0]
