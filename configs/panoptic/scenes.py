@@ -26,7 +26,7 @@ def get_config(arg=None):
     stage = int(args.get("stage", 1))
     config = base_config(stage)
     config.model.update(
-        patch_size=8, code_len=16, dict_size=256, width=64, enc_depth=2, dec_depth=2, num_heads=4,
+        patch_size=8, code_len=36, dict_size=512, width=64, enc_depth=2, dec_depth=2, num_heads=4,
         code_dropout="random",
         name="flexivit_mu", init="runs/fashion_mnist",
         overrides=dict(depth=4, base_patch_size=16, posemb_grid=7, patch_size=16),
@@ -48,6 +48,7 @@ def get_config(arg=None):
     if stage == 1:
         config.patch_sizes = dict(kind="fixed", sizes=[8])
         config.eval.patch_sizes = [8]
+        config.train.steps = 3000  # the oracle bounds what stage II can reach (1,000 steps with 16 codes: PQ 9.6)
     else:
         config.patch_sizes = dict(kind="uniform", sizes=PATCH_SIZES)
         config.eval.patch_sizes = list(PATCH_SIZES)

@@ -239,8 +239,9 @@ def build_model(model_cfg, info) -> UViM:
             raise ValueError(
                 f"{source}: the oracle was trained with {key} {oracle.kwargs[key]}, the data has {info[key]}"
             )
+    init = resolve_checkpoint(model_cfg.init) if model_cfg.init else None  # a workdir: its last checkpoint
     encoder = flexivit.create_model(
-        model_cfg.name, pretrained=model_cfg.init, **{**(model_cfg.overrides or {}), "num_classes": 0}
+        model_cfg.name, pretrained=init, **{**(model_cfg.overrides or {}), "num_classes": 0}
     )
     decoder = _decoder(oracle, model_cfg.decoder_width, model_cfg.decoder_depth, model_cfg.decoder_heads, 4.0)
     return UViM(Stage2(encoder, decoder), oracle)
