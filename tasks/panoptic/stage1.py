@@ -203,23 +203,17 @@ def to_panoptic(logits: dict) -> tuple[torch.Tensor, torch.Tensor]:
 # ``task="panoptic.stage1"``: tools/train.py trains the oracle with these (tasks/__init__.py lists the interface).
 
 
+# The model block's keys that size the oracle (configs/panoptic/common.py).
+ORACLE_KEYS = (
+    "patch_size", "code_len", "dict_size", "width", "enc_depth", "dec_depth", "num_heads", "mlp_ratio",
+    "code_dropout", "seed",
+)  # fmt: skip
+
+
 def build_model(model_cfg, info) -> Oracle:
     """The oracle for the dataset's classes (+ void) and the data's image size; sizes from ``model_cfg``."""
-    return Oracle(
-        info["num_classes"],
-        info["max_instances"],
-        image_size=info["image_size"],
-        patch_size=model_cfg.patch_size,
-        code_len=model_cfg.code_len,
-        dict_size=model_cfg.dict_size,
-        width=model_cfg.width,
-        enc_depth=model_cfg.enc_depth,
-        dec_depth=model_cfg.dec_depth,
-        num_heads=model_cfg.num_heads,
-        mlp_ratio=model_cfg.mlp_ratio,
-        code_dropout=model_cfg.code_dropout,
-        seed=model_cfg.seed,
-    )
+    settings = {key: getattr(model_cfg, key) for key in ORACLE_KEYS}
+    return Oracle(info["num_classes"], info["max_instances"], image_size=info["image_size"], **settings)
 
 
 def load_model(path) -> Oracle:
