@@ -7,15 +7,8 @@
 # plus the baseline that shows APr comes from the text queries: the flexified model queried with the rare classes'
 # names permuted among themselves. LVIS AP / APr, GFLOPs and img/s per patch size: runs/detection_eval/.
 #   bash tools/detection_demo.sh          (interrupted runs resume; the towers are trained first when missing)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-py=.venv/bin/python
-[ -x "$py" ] || bash tools/setup.sh
-
-# The towers: the main job's FlexiViT (image) and the contrastive demo's FlexiLiT text tower trained against it.
-if ! ls runs/fashion_mnist/checkpoints/ckpt_*.pt >/dev/null 2>&1; then
-  bash tools/main.sh
-fi
+source "$(dirname "$0")/demo_env.sh"  # repository root, $py, the main job's backbone
+# The text tower: the contrastive demo's FlexiLiT, trained against the main job's image tower.
 if ! ls runs/flexilit/checkpoints/ckpt_00000400.pt >/dev/null 2>&1; then
   $py -m tools.train --config configs/contrastive/fashion_mnist.py:mode=flexilit --workdir runs/flexilit --resume
 fi

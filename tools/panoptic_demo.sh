@@ -6,14 +6,7 @@
 #   fixed-p16   patch 16 only, evaluated at all sizes
 # PQ / SQ / RQ, GFLOPs and img/s per patch size: runs/panoptic_eval/.
 #   bash tools/panoptic_demo.sh          (interrupted runs resume; the main job runs first when missing)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-py=.venv/bin/python
-[ -x "$py" ] || bash tools/setup.sh
-
-if ! ls runs/fashion_mnist/checkpoints/ckpt_*.pt >/dev/null 2>&1; then
-  bash tools/main.sh
-fi
+source "$(dirname "$0")/demo_env.sh"  # repository root, $py, the main job's backbone
 config=configs/panoptic/scenes.py
 $py -m tools.train --config "$config:stage=1" --workdir runs/uvim_oracle --resume
 $py -m tools.train --config "$config:stage=2" --workdir runs/uvim_flexi --resume \

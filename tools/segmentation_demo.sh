@@ -6,15 +6,7 @@
 #   fast transfer + consistency   the same, with predictions at a random other size pulled towards those at 16
 # all evaluated at every patch size (mIoU, GFLOPs, img/s: runs/segmentation_eval/sweep.{csv,md,png}).
 #   bash tools/segmentation_demo.sh          (about 25 minutes on 2 CPU cores; interrupted runs resume)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-py=.venv/bin/python
-[ -x "$py" ] || bash tools/setup.sh
-
-# The backbone: the classification main job's FlexiViT (a fresh clone trains it first, ~10 minutes).
-if ! ls runs/fashion_mnist/checkpoints/ckpt_*.pt >/dev/null 2>&1; then
-  bash tools/main.sh
-fi
+source "$(dirname "$0")/demo_env.sh"  # repository root, $py, the main job's backbone
 # The data: 2000 + 200 generated scenes in the ADE20k layout (plus COCO / LVIS / panoptic annotations), ~15 s.
 if [ ! -f data/scenes/scenes.json ]; then
   $py -m tools.make_scenes --out data/scenes --num-train 2000 --num-val 200 --seed 0
