@@ -75,13 +75,13 @@ class EvalSet:
         return len(self.images)
 
 
-def _split(data, split: str) -> PanopticDataset:
+def _split(data, split: str) -> tuple[PanopticDataset, Path]:
+    """The split's dataset and its PNG folder (the ground truth pq_compute reads)."""
     root = Path(data.root)
     folder = data.train_split if split == "train" else data.val_split
     name = "train" if split == "train" else "val"
-    return read_coco_panoptic(
-        root / "panoptic" / f"panoptic_{name}.json", root / "panoptic" / f"panoptic_{name}", root / "images" / folder
-    )
+    png_dir = root / "panoptic" / f"panoptic_{name}"
+    return read_coco_panoptic(png_dir.with_suffix(".json"), png_dir, root / "images" / folder), png_dir
 
 
 def build_datasets(data, distill=None) -> tuple:
@@ -94,7 +94,7 @@ def build_datasets(data, distill=None) -> tuple:
 
     ensure_generated("ade20k", data.root, data.generate)  # the scenes are written in every format at once
     value_range = as_value_range(data.value_range)
-    train, val = _split(data, "train"), _split(data, "val")
+    (train, _), (val, val_png_dir) = _split(data, "train"), _split(data, "val")
     if train.category_ids != val.category_ids:
         raise ValueError(f"{train.json_path} and {val.json_path} have different categories")
     if data.train_examples:
@@ -109,7 +109,7 @@ def build_datasets(data, distill=None) -> tuple:
         "max_instances": data.max_instances,
         "category_ids": train.category_ids,
     }
-    return train, JointTransform(train_tf), EvalSet(val, val.json_path, val.records[0].png.parent), info
+    return train, JointTransform(train_tf), EvalSet(val, val.json_path, val_png_dir), info
 
 
 @torch.no_grad()

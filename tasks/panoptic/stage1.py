@@ -116,6 +116,12 @@ class Oracle(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> Oracle:
+        """A freshly initialised oracle of the shape recorded in ``model.kwargs`` (load its state after)."""
+        kwargs = dict(kwargs)
+        return cls(kwargs.pop("num_classes"), kwargs.pop("max_instances"), **kwargs)
+
     # ------------------------------------------------------------------ helpers
 
     def _one_hot(self, semantic: torch.Tensor, instance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,10 +226,10 @@ def load_model(path) -> Oracle:
     """Rebuild an oracle from a checkpoint the engine wrote (a file or a workdir), from the file alone."""
     path = resolve_checkpoint(path)
     state, meta = flexivit.read_checkpoint(path)
-    kwargs = dict(meta.get("model_kwargs") or {})
+    kwargs = meta.get("model_kwargs") or {}
     if "code_len" not in kwargs or "dict_size" not in kwargs:
         raise flexivit.CheckpointError(f"{path} is not a UViM stage I checkpoint (no code_len / dict_size saved)")
-    model = Oracle(kwargs.pop("num_classes"), kwargs.pop("max_instances"), **kwargs)
+    model = Oracle.from_kwargs(kwargs)
     model.load_state_dict(state)
     return model
 

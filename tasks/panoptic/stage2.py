@@ -98,6 +98,10 @@ class CodeDecoder(nn.Module):
     def __init__(self, dict_size: int, code_len: int, width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.dict_size, self.code_len = dict_size, code_len
+        # Saved with every checkpoint (plain values only): the decoder is rebuilt from them.
+        self.kwargs = dict(
+            dict_size=dict_size, code_len=code_len, width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio
+        )
         self.embed = nn.Embedding(dict_size + 1, width)
         self.posemb = nn.Parameter(torch.randn(1, code_len, width) * 0.02)
         self.layers = nn.ModuleList([DecoderLayer(width, num_heads, mlp_ratio) for _ in range(depth)])
@@ -184,16 +188,8 @@ class UViM(nn.Module):
         super().__init__()
         self.stage2, self.oracle = stage2, oracle
         oracle.requires_grad_(False)
-        decoder = stage2.decoder
         self.kwargs = dict(
-            encoder=dict(stage2.encoder.kwargs),
-            decoder=dict(
-                width=decoder.embed.embedding_dim,
-                depth=len(decoder.layers),
-                num_heads=decoder.layers[0].self_attn.num_heads,
-                mlp_ratio=decoder.layers[0].mlp.fc1.out_features / decoder.embed.embedding_dim,
-            ),
-            oracle=dict(oracle.kwargs),
+            encoder=dict(stage2.encoder.kwargs), decoder=dict(stage2.decoder.kwargs), oracle=dict(oracle.kwargs)
         )
 
     def train(self, mode: bool = True) -> UViM:
@@ -214,10 +210,6 @@ class UViM(nn.Module):
         then the oracle's decoder (with the image as its context)."""
         codes = self.stage2.generate(images, patch_size, **generate_kwargs)
         return to_panoptic(self.oracle.decode(codes, images))
-
-
-def _decoder(oracle: Oracle, width: int, depth: int, num_heads: int, mlp_ratio: float) -> CodeDecoder:
-    return CodeDecoder(oracle.quantizer.dict_size, oracle.kwargs["code_len"], width, depth, num_heads, mlp_ratio)
 
 
 # ---------------------------------------------------------------------------------------------- the task face
@@ -243,7 +235,13 @@ def build_model(model_cfg, info) -> UViM:
     encoder = flexivit.create_model(
         model_cfg.name, pretrained=init, **{**(model_cfg.overrides or {}), "num_classes": 0}
     )
-    decoder = _decoder(oracle, model_cfg.decoder_width, model_cfg.decoder_depth, model_cfg.decoder_heads, 4.0)
+    decoder = CodeDecoder(
+        oracle.kwargs["dict_size"],
+        oracle.kwargs["code_len"],
+        model_cfg.decoder_width,
+        model_cfg.decoder_depth,
+        model_cfg.decoder_heads,
+    )
     return UViM(Stage2(encoder, decoder), oracle)
 
 
@@ -254,9 +252,8 @@ def load_model(path) -> UViM:
     kwargs = meta.get("model_kwargs") or {}
     if not {"encoder", "decoder", "oracle"} <= set(kwargs):
         raise flexivit.CheckpointError(f"{path} is not a UViM stage II checkpoint (no encoder / decoder / oracle)")
-    oracle_kwargs = dict(kwargs["oracle"])
-    oracle = Oracle(oracle_kwargs.pop("num_classes"), oracle_kwargs.pop("max_instances"), **oracle_kwargs)
-    model = UViM(Stage2(FlexiViT(**kwargs["encoder"]), _decoder(oracle, **kwargs["decoder"])), oracle)
+    stage2 = Stage2(FlexiViT(**kwargs["encoder"]), CodeDecoder(**kwargs["decoder"]))
+    model = UViM(stage2, Oracle.from_kwargs(kwargs["oracle"]))
     model.load_state_dict(state)
     return model
 

@@ -172,10 +172,9 @@ def canonical_instances(instance: torch.Tensor, max_instances: int | None = None
     """
     flat = instance.reshape(-1)
     ids, inverse = torch.unique(flat, return_inverse=True)
-    out = torch.zeros_like(flat)
     keep = ids != VOID
     if not keep.any():
-        return out.view_as(instance)
+        return torch.zeros_like(instance)
     width = instance.shape[-1]
     position = torch.arange(flat.numel(), device=flat.device)
     rows, cols = (position // width).double(), (position % width).double()
@@ -192,8 +191,7 @@ def canonical_instances(instance: torch.Tensor, max_instances: int | None = None
     new_id[torch.tensor(order, dtype=torch.long, device=flat.device)] = torch.arange(
         1, len(order) + 1, dtype=flat.dtype, device=flat.device
     )
-    out = new_id[inverse]
-    return out.view_as(instance)
+    return new_id[inverse].view_as(instance)
 
 
 def segments_from_prediction(semantic: np.ndarray, instance: np.ndarray) -> tuple[np.ndarray, list[dict]]:
