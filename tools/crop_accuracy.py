@@ -35,9 +35,9 @@ def crop_accuracy(model, scenes: Path, size: int = 48, patch_size: int = 8, num_
             side, cx, cy = max(w, h), x + w / 2, y + h / 2
             crop = image.convert("RGB").crop((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
         pixels = np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float32)
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1  # [-1, 1], as the main job trains
+        inputs = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1  # [-1, 1], as the main job trains
         with torch.no_grad():
-            correct += int(model(x, patch_size=patch_size).argmax()) == ann["category_id"] - 1
+            correct += int(model(inputs, patch_size=patch_size).argmax()) == ann["category_id"] - 1
         total += 1
     return correct, total
 
