@@ -8,7 +8,7 @@
 """
 
 from .checkpoint import RELEASES, CheckpointError, load_model, read_checkpoint, save_model
-from .deploy import fix_patch_size
+from .deploy import fix_patch_size, to_timm
 from .model import FlexiViT
 from .patch_sizes import (
     PAPER_PATCH_SIZES,
@@ -46,4 +46,5 @@ __all__ = [
     "resize_posemb",
     "save_model",
     "tiling_patch_sizes",
+    "to_timm",
 ]

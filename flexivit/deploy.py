@@ -81,9 +81,46 @@ def fix_patch_size(model: FlexiViT, patch_size: PatchSize, image_size: int | Seq
     return fixed
 
 
+def to_timm(model: FlexiViT, patch_size: PatchSize, image_size: int | Sequence[int]) -> tuple[dict, dict]:
+    """``(state_dict, kwargs)`` of a plain timm ``VisionTransformer`` that computes ``model`` at one patch size:
+
+    >>> state, kwargs = to_timm(model, 16, 240)
+    >>> vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)   # the kwargs set every shape
+    >>> vit.load_state_dict(state)
+
+    The kernel and position embedding are those of :func:`fix_patch_size`; timm's ``no_embed_class=True`` adds the
+    position embedding before the class token is prepended, as FlexiViT does (the class token has none), and
+    ``fc_norm=False`` keeps the final norm before pooling for ``pool="gap"`` (timm would normalise after).
+    """
+    kw = model.kwargs
+    if kw["norm_eps"] != 1e-6:
+        raise ValueError(f"timm's ViT normalises with eps 1e-6; this model uses norm_eps {kw['norm_eps']}")
+    fixed = fix_patch_size(model, patch_size, image_size)
+    image = to_2tuple(image_size, "image_size")
+    kwargs = dict(
+        img_size=_compact(image),
+        patch_size=fixed.kwargs["patch_size"],
+        in_chans=kw["in_chans"],
+        embed_dim=kw["width"],
+        depth=kw["depth"],
+        num_heads=kw["num_heads"],
+        mlp_ratio=kw["mlp_ratio"],
+        qkv_bias=kw["qkv_bias"],
+        class_token=kw["class_token"],
+        no_embed_class=True,
+        global_pool="token" if kw["pool"] == "tok" else "avg",
+        fc_norm=False,
+        num_classes=model.num_classes,
+        act_layer="gelu_tanh" if kw["gelu_approximate"] == "tanh" else "gelu",
+    )
+    # The names are timm's already (checkpoint.py reads timm files with the same keys).
+    state = {key: value.detach().clone() for key, value in fixed.state_dict().items()}
+    return state, kwargs
+
+
 def _compact(pair: Size) -> int | list[int]:
     # The notation of the constructor and the registry: an int when square; a list keeps checkpoints JSON-clean.
     return pair[0] if pair[0] == pair[1] else list(pair)
 
 
-__all__ = ["fix_patch_size"]
+__all__ = ["fix_patch_size", "to_timm"]

@@ -49,3 +49,17 @@ def test_index_cost_report_names_the_sampler_rows(tmp_path):
     assert [r["what"].split(" (")[0] for r in rows] == ["per step, drawn once per epoch", "first step of an epoch",
                                                        "per step, drawn every step"]  # fmt: skip
     assert all(r["ms"] > 0 for r in rows) and rows[0]["MiB held"] == pytest.approx(200_000 * 16 / 2**20)
+
+
+def test_deployment_section_compares_precisions_and_onnxruntime(tmp_path):
+    path = benchmark.main(["--deployment", "--quick", "--onnx-patch-sizes", "8", "--out", str(tmp_path)])
+    assert path == tmp_path / "benchmarks_deployment.md"
+    with open(tmp_path / "benchmarks_deployment.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    precision = [row for row in rows if row["bf16 ms"]]
+    assert [int(row["patch_size"]) for row in precision] == [16, 12, 8]
+    # bf16 autocast changed the numbers (it ran), but only by rounding.
+    assert all(1e-4 < float(row["bf16 rel. error"]) < 0.05 for row in precision)
+    (onnx,) = [row for row in rows if row["onnxruntime ms"]]
+    assert int(onnx["patch_size"]) == 8 and float(onnx["max abs diff"]) < 1e-4
+    assert "--deployment --quick" in path.read_text()

@@ -17,7 +17,9 @@ costs. For each model size and patch size it measures, in one process and on the
 - with ``--compile``: ``torch.compile`` of flexible training over changing patch sizes (graphs, step times).
 - the input pipeline: images/s of the Fashion-MNIST training loader beside the model's training step.
 
-CPU always (fp32, ``--batch-size``); a GPU when present (bf16 autocast, ``--gpu-batch-size``). Both models compute
+CPU always (fp32, ``--batch-size``); a GPU when present (bf16 autocast, ``--gpu-batch-size``); ``--precision``
+sets the autocast of both. ``--deployment`` measures instead fp32 against bf16 per patch size and ONNX Runtime
+against eager PyTorch (docs/benchmarks_deployment.md). Both models compute
 the same function: ours is built with the exact erf GELU that timm uses (``gelu_approximate="none"``).
 """
 
@@ -42,6 +44,7 @@ import flexivit
 from flexivit.checkpoint import atomic_write
 from flexivit.deploy import fix_patch_size
 from flexivit.pi_resize import clear_caches
+from tasks.common.deployment import PRECISIONS, autocast_dtype
 from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
 from tasks.common.reporting import markdown_table, plot_sweep, write_csv
 
@@ -84,6 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="docs", help="folder for benchmarks.md / .csv / .png")
     parser.add_argument("--quick", action="store_true", help="a tiny model and few repeats: a smoke test")
     parser.add_argument(
+        "--precision", choices=list(PRECISIONS), help="autocast on every device (default: fp32 on CPU, bf16 on GPU)"
+    )
+    parser.add_argument(
+        "--deployment", action="store_true",
+        help="only the deployment section: fp32 vs bf16 and ONNX Runtime vs eager per patch size",
+    )  # fmt: skip
+    parser.add_argument("--onnx-patch-sizes", nargs="+", type=int, default=[16, 8])
+    parser.add_argument(
         "--index-cost", action="store_true", help="only the sampler's index cost per step at 13M items (seconds)"
     )
     args = parser.parse_args(argv)
@@ -119,9 +130,14 @@ def _rotated(keys, r: int) -> list:
     return keys[r % len(keys) :] + keys[: r % len(keys)]
 
 
+# Autocast per device type: GPU runs use bf16, CPU runs plain fp32 (the targets are stated for fp32 on CPU);
+# --precision sets both.
+PRECISION = {"cpu": "fp32", "cuda": "bf16"}
+
+
 def _autocast(device: torch.device):
-    # GPU runs use bf16 autocast; CPU runs are plain fp32 (the targets are stated for fp32 on CPU).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    dtype = autocast_dtype(PRECISION[device.type], device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def matmul_peak_gflops(device: torch.device, quick: bool = False) -> float:
@@ -639,7 +655,8 @@ def write_report(results: dict, args, argv: list[str]) -> Path:
         f"- Load average (1 min) at start / end: {results['load'][0]:.2f} / {results['load'][1]:.2f} "
         f"on {os.cpu_count()} CPUs: a load near or above the thread count means another job shared the machine "
         "and the timings are noisy.",
-        f"- Batch {args.batch_size} on CPU (fp32), {args.gpu_batch_size} on GPU (bf16 autocast); {args.image_size} px;"
+        f"- Batch {args.batch_size} on CPU ({PRECISION['cpu']}), {args.gpu_batch_size} on GPU "
+        f"({PRECISION['cuda']} autocast); {args.image_size} px;"
         f" {args.warmup} warm-up calls, then {args.repeats} rounds in which the models take turns; medians.",
         "",
         "## Targets",
@@ -758,6 +775,118 @@ METHOD = """\
 # ---------------------------------------------------------------------------------------------- main
 
 
+def bench_deployment(args, argv: list[str]) -> Path:
+    """fp32 against bf16 autocast per patch size (the deployment model, :func:`fix_patch_size`) and ONNX Runtime
+    against eager PyTorch at ``--onnx-patch-sizes``, on every device (ONNX: CPU only); docs/benchmarks_deployment.md."""
+    from tasks.common.export import FixedSizeModel
+
+    precision_rows, onnx_rows, machines = [], [], {}
+    for device_name in args.devices:
+        device = torch.device(device_name)
+        machines[device.type] = device_description(device)
+        batch = args.batch_size if device.type == "cpu" else args.gpu_batch_size
+        for name in args.models:
+            ours = build_ours(name, args.overrides, device).eval()
+            x = torch.randn(batch, ours.kwargs["in_chans"], args.image_size, args.image_size, device=device)
+            for patch in args.patch_sizes:
+                fixed = fix_patch_size(ours, patch, args.image_size).eval()
+
+                def pooled(dtype, model=fixed, x=x, device=device):
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        return model.forward_features(x)["pooled"].float()
+
+                calls = {"fp32": lambda f=pooled: f(None), "bf16": lambda f=pooled: f(torch.bfloat16)}
+                with torch.inference_mode():
+                    want, got = calls["fp32"](), calls["bf16"]()
+                error = ((got - want).norm() / want.norm()).item()
+                ms = _alternate(calls, device, args)
+                precision_rows.append({
+                    "model": short_name(name), "device": device.type, "patch_size": patch,
+                    "grid": args.image_size // patch, "gflops": count_gflops_fn(fixed, x[:1]),
+                    "fp32 ms": ms["fp32"], "bf16 ms": ms["bf16"],
+                    "fp32 img/s": batch * 1e3 / ms["fp32"], "bf16 img/s": batch * 1e3 / ms["bf16"],
+                    "bf16 speed-up": ms["fp32"] / ms["bf16"], "bf16 rel. error": error,
+                })  # fmt: skip
+                print(
+                    f"[precision] {device.type} {short_name(name)}/{patch}: fp32 {ms['fp32']:.1f} ms, bf16 "
+                    f"{ms['bf16']:.1f} ms (x{ms['fp32'] / ms['bf16']:.2f}), rel. error {error:.1e}",
+                    flush=True,
+                )
+                if device.type == "cpu" and patch in args.onnx_patch_sizes:
+                    exported = FixedSizeModel("classification", ours, patch, args.image_size)
+                    onnx_rows.append(_bench_onnx(exported, x, name, patch, args))
+                del fixed
+            del ours
+    text = _deployment_report(precision_rows, onnx_rows, machines, args, argv)
+    path = Path(args.out) / "benchmarks_deployment.md"
+    write_csv(precision_rows + onnx_rows, Path(args.out) / "benchmarks_deployment.csv")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    print(text, flush=True)
+    return path
+
+
+def _alternate(calls: dict, device: torch.device, args) -> dict:
+    """Median ms per call, the calls taken in turn (rotated) after a warm-up, as in :func:`bench_inference`."""
+    with torch.inference_mode():
+        for call in calls.values():
+            for _ in range(args.warmup):
+                call()
+        times = {key: [] for key in calls}
+        for r in range(args.repeats):
+            for key in _rotated(calls, r):
+                times[key].append(1e3 * _timed_s(calls[key], device))
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def _bench_onnx(model, x: torch.Tensor, name: str, patch: int, args) -> dict:
+    import tempfile
+
+    import onnxruntime
+
+    from tasks.common.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, x[:2])
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"images": x.numpy()}
+    with torch.inference_mode():
+        diff = (torch.from_numpy(session.run(None, feed)[0]) - model(x)).abs().max().item()
+    ms = _alternate({"eager": lambda: model(x), "onnxruntime": lambda: session.run(None, feed)}, x.device, args)
+    batch = x.shape[0]
+    return {
+        "model": short_name(name), "device": "cpu", "patch_size": patch, "grid": args.image_size // patch,
+        "eager ms": ms["eager"], "onnxruntime ms": ms["onnxruntime"],
+        "eager img/s": batch * 1e3 / ms["eager"], "onnxruntime img/s": batch * 1e3 / ms["onnxruntime"],
+        "onnxruntime/eager": ms["eager"] / ms["onnxruntime"], "max abs diff": diff,
+    }  # fmt: skip
+
+
+def _deployment_report(precision_rows, onnx_rows, machines, args, argv) -> str:
+    import onnxruntime
+
+    lines = [
+        "# Deployment speed: bf16 against fp32, ONNX Runtime against eager PyTorch",
+        "",
+        *(f"- {kind}: {text}" for kind, text in machines.items()),
+        f"- {args.image_size} px, batch {args.batch_size} on CPU ({args.gpu_batch_size} on GPU); the model fixed to "
+        "each patch size (`flexivit.fix_patch_size`), 1000-class shape, exact GELU; median of "
+        f"{args.repeats} rounds, the variants called in turn; torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}",
+        "- bf16: `torch.autocast` (matmuls in bf16, the residual stream in fp32); rel. error: ||bf16 - fp32|| / "
+        "||fp32|| of the pooled features",
+        "",
+        "## bf16 against fp32",
+        "",
+        markdown_table(precision_rows, percent=[]),
+        "",
+    ]
+    if onnx_rows:
+        lines += ["## ONNX Runtime against eager PyTorch (fp32, CPU)", "", markdown_table(onnx_rows), ""]
+    lines += [f"Command: `python -m tools.benchmark {shlex.join(argv)}`", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -765,6 +894,10 @@ def main(argv=None) -> Path:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision:
+        PRECISION.update(cpu=args.precision, cuda=args.precision)
+    if args.deployment:
+        return bench_deployment(args, argv)
     if args.index_cost:
         rows = bench_index(steps=5 if args.quick else 50, num_items=100_000 if args.quick else 13_000_000)
         text = "# Training sampler: index cost per step\n\n" + markdown_table(rows)

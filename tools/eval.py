@@ -20,9 +20,13 @@ import torch
 
 from flexivit.checkpoint import read_checkpoint
 from tasks.common.config import Config, apply_overrides, load_config
+from tasks.common.deployment import PRECISIONS, autocast, autocast_dtype
 from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
 from tasks.common.reporting import markdown_table, plot_sweep, write_csv, write_markdown
 from tasks.common.train_state import latest_checkpoint
+
+# The columns of a sweep row that describe the measurement; the others are the task's metrics.
+DESCRIPTIVE = ("model", "precision", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default: <first workdir>/eval)")
     parser.add_argument("--timing-batch", type=int, default=32, help="batch size for img/s and latency")
     parser.add_argument("--no-timing", action="store_true", help="skip the speed measurements")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (CPU: bf16)")
     return parser.parse_args(argv)
 
 
@@ -46,17 +51,7 @@ def _sources(args) -> list[tuple[str, Config, Path]]:
             raise SystemExit("--checkpoint needs --config (for the data and the task)")
         sources = [(Path(args.checkpoint).stem, load_config(args.config), Path(args.checkpoint))]
     elif args.workdir:
-        sources = []
-        for workdir in map(Path, args.workdir):
-            if not (workdir / "config.json").exists():
-                raise FileNotFoundError(f"{workdir} has no config.json: is it a training workdir?")
-            ckpt = latest_checkpoint(workdir)
-            if ckpt is None:
-                raise FileNotFoundError(f"{workdir} has no checkpoint under checkpoints/")
-            config = (
-                load_config(args.config) if args.config else Config(json.loads((workdir / "config.json").read_text()))
-            )
-            sources.append((workdir.name, config, ckpt))
+        sources = [(Path(w).name, *workdir_source(w, args.config)) for w in args.workdir]
     else:
         raise SystemExit("give --workdir DIR [DIR ...] or --checkpoint FILE --config CONFIG")
     if args.names:
@@ -66,19 +61,34 @@ def _sources(args) -> list[tuple[str, Config, Path]]:
     return [(name, apply_overrides(config, args.set), path) for name, config, path in sources]
 
 
-def sweep(name: str, config: Config, checkpoint: Path, patch_sizes, device, *, timing_batch=32, timing=True) -> list:
+def workdir_source(workdir: str | Path, config: str | None = None) -> tuple[Config, Path]:
+    """``(config, last checkpoint)`` of a training workdir; ``config`` (a config file) replaces its config.json."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: is it a training workdir?")
+    ckpt = latest_checkpoint(workdir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint under checkpoints/")
+    return (load_config(config) if config else Config(json.loads((workdir / "config.json").read_text()))), ckpt
+
+
+def sweep(
+    name: str, config: Config, checkpoint: Path, patch_sizes, device, *, timing_batch=32, timing=True, precision="fp32"
+) -> list:
     """One row per patch size for one model: the task's metrics plus grid, tokens, GFLOPs, img/s and latency.
 
     The task builds the model (``build_model``), the checkpoint's ``model`` state dict fills it, and the task's
     ``image_forward(model)`` (default: the model itself) is counted and timed, called as ``fn(x, patch_size=p)``.
+    ``precision`` bf16 / fp16 runs the metrics and the timing under autocast (GFLOPs do not depend on it).
     """
+    dtype = autocast_dtype(precision, device)
     task = importlib.import_module(f"tasks.{config.task}")
     _, _, val_set, info = task.build_datasets(config.data)
     model = load_task_model(task, config, info, checkpoint).to(device).eval()
     patches = [p if isinstance(p, int) else tuple(p) for p in patch_sizes or config.eval.patch_sizes]
     size = config.data.image_size
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
-    results = task.evaluate(model, val_set, patches, device, None, config.eval.batch_size)
+    results = task.evaluate(model, val_set, patches, device, dtype, config.eval.batch_size)
     forward = getattr(task, "image_forward", lambda m: m)(model)
     # The backbone drops a border that the patches do not tile; a task that pads instead says so with token_grid.
     token_grid = getattr(task, "token_grid", lambda hw, p: (hw[0] // p[0], hw[1] // p[1]))
@@ -89,11 +99,12 @@ def sweep(name: str, config: Config, checkpoint: Path, patch_sizes, device, *, t
     for patch in patches:
         ph, pw = (patch, patch) if isinstance(patch, int) else patch
         grid = token_grid(image_hw, (ph, pw))
-        row = {"model": name, "patch_size": patch if isinstance(patch, int) else f"{ph}x{pw}",
+        row = {"model": name, "precision": precision, "patch_size": patch if isinstance(patch, int) else f"{ph}x{pw}",
                "grid": f"{grid[0]}x{grid[1]}", "tokens": grid[0] * grid[1],
                "gflops": count_gflops_fn(lambda x, p=patch: forward(x, patch_size=p), example)}  # fmt: skip
         if timing:
-            speed = measure_throughput(lambda x, p=patch: forward(x, patch_size=p), example, warmup=2, repeats=5)
+            with autocast(device, dtype):
+                speed = measure_throughput(lambda x, p=patch: forward(x, patch_size=p), example, warmup=2, repeats=5)
             row.update(img_per_s=speed["img_per_s"], latency_ms=speed["latency_ms"])
         row.update({("accuracy" if k == "top1" else k): v for k, v in results[patch].items() if k != "n"})
         rows.append(row)
@@ -111,6 +122,11 @@ def load_task_model(task, config: Config, info, checkpoint: Path) -> torch.nn.Mo
             f"{checkpoint} does not fit the {config.task} model: missing {missing}, unexpected {unexpected}"
         )
     return model
+
+
+def primary_metric(row: dict) -> str:
+    """The metric a sweep is judged by: accuracy for classification, else the task's first metric."""
+    return "accuracy" if "accuracy" in row else next(k for k in row if k not in DESCRIPTIVE + ("best",))
 
 
 def mark_best(rows: list[dict], metric: str) -> None:
@@ -146,16 +162,17 @@ def main(argv=None) -> list[dict]:
             device,
             timing_batch=args.timing_batch,
             timing=not args.no_timing,
+            precision=args.precision,
         )
-    descriptive = ("model", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms")  # not metrics
-    metric = "accuracy" if "accuracy" in rows[0] else next(k for k in rows[0] if k not in descriptive)
+    metric = primary_metric(rows[0])
     percent = [k for k in ("accuracy", "top5") if k in rows[0]]
-    columns = [c for c in descriptive if c in rows[0]]
+    columns = [c for c in DESCRIPTIVE if c in rows[0]]
     columns += [k for k in rows[0] if k not in columns]
     mark_best(rows, metric)
     columns.append("best")
     notes = [
-        f"device: {device_description(device)}; img/s and latency at batch {args.timing_batch}, median of 5",
+        f"device: {device_description(device)}; img/s and latency at batch {args.timing_batch}, median of 5; "
+        f"precision {args.precision}" + (" (autocast)" if args.precision != "fp32" else ""),
         "GFLOPs: forward, per image, counted with torch.utils.flop_counter (a multiply-add = 2 FLOPs)",
         f"best: the patch size with the highest {metric} for that model (ties: the cheaper one)",
     ]

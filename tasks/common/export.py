@@ -1,0 +1,111 @@
+"""Leaving PyTorch at one patch size: a task model with its backbone fixed, exported to ONNX or ``torch.export``.
+
+:func:`fixed_size_model` copies a task model, replaces every FlexiViT inside it by
+:func:`flexivit.fix_patch_size`'s copy (kernel and position embedding resized once and stored) and wraps the task's
+image forward at that patch size as a plain ``forward(images)``. The exported graph therefore holds no resize at all:
+it is a plain ViT of that patch size plus the task's head (Segmenter's padding, decoder and upsampling; the
+contrastive image tower's projection and L2 normalisation). Tasks with autoregressive or set decoding (detection,
+panoptic) are not exportable this way.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+import flexivit
+from flexivit.pi_resize import to_2tuple
+
+EXPORTABLE = ("classification", "segmentation", "contrastive")
+EXAMPLE_FILE = "example_input.safetensors"  # inside a torch.export archive
+
+
+class FixedSizeModel(nn.Module):
+    """``forward(images)``: the task's image forward at ``patch_size`` on ``image_size`` images."""
+
+    def __init__(self, task_name: str, model: nn.Module, patch_size, image_size):
+        super().__init__()
+        if task_name not in EXPORTABLE:
+            raise ValueError(f"task {task_name!r} cannot be exported at one patch size; exportable: {EXPORTABLE}")
+        self.task_name = task_name
+        self.patch_size = to_2tuple(patch_size, "patch_size")
+        self.image_size = to_2tuple(image_size, "image_size")
+        self.model = _fix_backbones(copy.deepcopy(model), self.patch_size, self._backbone_size())
+        self.eval()  # an inference graph: no dropout, no stochastic depth
+
+    def _backbone_size(self) -> tuple[int, int]:
+        # Segmenter pads the image to a multiple of the patch size; the other tasks drop the untiled border.
+        (h, w), (ph, pw) = self.image_size, self.patch_size
+        if self.task_name == "segmentation":
+            return (-(-h // ph) * ph, -(-w // pw) * pw)
+        return (h // ph * ph, w // pw * pw)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.task_name == "contrastive":
+            return self.model.encode_image(images, self.patch_size, normalize=True)
+        return self.model(images, patch_size=self.patch_size)
+
+
+def _fix_backbones(model: nn.Module, patch, image_size) -> nn.Module:
+    if isinstance(model, flexivit.FlexiViT):
+        return flexivit.fix_patch_size(model, patch, image_size)
+    for name, child in list(model.named_children()):
+        setattr(model, name, _fix_backbones(child, patch, image_size))
+    return model
+
+
+def example_input(model: FixedSizeModel, batch: int = 2) -> torch.Tensor:
+    channels = next(m for m in model.modules() if isinstance(m, flexivit.FlexiViT)).kwargs["in_chans"]
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, channels, *model.image_size, generator=generator)
+
+
+def _batch_dim():
+    return {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+
+
+def export_program(model: FixedSizeModel, path: str | Path, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """A ``torch.export`` program with a dynamic batch, saved at ``path`` with ``example`` stored inside the archive.
+
+    Traced with autograd on: the model's no-grad fast paths (in-place GELU, batch groups on CPU) depend on the batch
+    size, the plain path does not.
+    """
+    with torch.enable_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=_batch_dim())
+    # torch.export stores extra files as text: the safetensors bytes go in base64.
+    extra = {EXAMPLE_FILE: base64.b64encode(save_safetensors_bytes({"images": example.contiguous()})).decode()}
+    flexivit.checkpoint.atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+    return program
+
+
+def load_program(path: str | Path) -> tuple[torch.export.ExportedProgram, torch.Tensor]:
+    """``(program, example input)`` of a file :func:`export_program` wrote."""
+    extra = {EXAMPLE_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    if not extra[EXAMPLE_FILE]:
+        raise ValueError(f"{path} holds no {EXAMPLE_FILE}: was it written by tools.export?")
+    return program, load_safetensors_bytes(base64.b64decode(extra[EXAMPLE_FILE]))["images"]
+
+
+def export_onnx(model: FixedSizeModel, path: str | Path, example: torch.Tensor, opset: int = 18) -> None:
+    """An ONNX file with a dynamic batch dimension (input ``images``, output ``output``), written atomically."""
+    with torch.enable_grad():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=_batch_dim(),
+            input_names=["images"],
+            output_names=["output"],
+            opset_version=opset,
+        )
+    flexivit.checkpoint.atomic_write(path, lambda tmp: program.save(tmp))
+
+
+__all__ = ["EXPORTABLE", "FixedSizeModel", "example_input", "export_onnx", "export_program", "load_program"]
