@@ -305,6 +305,12 @@ def test_predict_writes_segmentation_masks_at_the_image_size(tmp_path):
         np.testing.assert_array_equal(mask, colours[labels])
     assert (out / "legend.png").exists()
 
+    # tools.deploy on the same workdir judges by the task's metric (mIoU) and times Segmenter's whole forward.
+    choice = deploy.main(["--workdir", str(workdir), "--patch-sizes", "16", "8", "--repeats", "2",
+                          "--min-metric", "0", "--out", str(tmp_path / "deploy")])  # fmt: skip
+    assert choice["metric"] == "mIoU" and choice["chosen"]["patch_size"] in (16, 8)
+    assert choice["chosen"]["latency_ms"] == min(row["latency_ms"] for row in choice["rows"])
+
 
 @needs_fashion_mnist
 def test_predict_budget_uses_the_deploy_choice(classifier_workdir, tmp_path):
@@ -339,3 +345,29 @@ def test_eval_sweep_runs_in_the_requested_precision(classifier_workdir, tmp_path
     assert [row["precision"] for row in rows] == ["bf16"] * len(patches)
     assert [row["accuracy"] for row in rows] == [bf16[p]["top1"] for p in patches]
     assert "precision bf16 (autocast)" in (tmp_path / "sweep.md").read_text()
+
+
+@needs_fashion_mnist
+def test_predict_contrastive_ranks_the_queries_by_cosine(tmp_path):
+    workdir = tmp_path / "lit"
+    config = "configs/contrastive/fashion_mnist.py:runlocal"
+    train.main(["--config", config, "--workdir", str(workdir), "--set", "train.steps=2", "eval.final=False"])
+    (path,) = _write_images(tmp_path / "images", 1)
+    queries = ["a photo of a shoe", "a photo of a bag", "a photo of a shirt"]
+    result = predict.main(["--workdir", str(workdir), "--patch-size", "8", "--topk", "3", str(path),
+                           "--queries", *queries])  # fmt: skip
+    from tasks import contrastive
+    from tasks.common.transforms import as_value_range, eval_transform
+
+    config, checkpoint = workdir_source(workdir)
+    _, _, _, info = contrastive.build_datasets(config.data)
+    model = load_task_model(contrastive, config, info, checkpoint).eval()
+    data = config.data
+    x = eval_transform(data.image_size, crop_ratio=data.eval_crop_ratio, value_range=as_value_range(data.value_range))(
+        Image.open(path).convert("RGB")
+    )[None]
+    with torch.no_grad():
+        cosine = model.encode_image(x, 8, normalize=True) @ model.encode_text(model.tokenize(queries), True).T
+    order = cosine[0].argsort(descending=True).tolist()
+    expected = ", ".join(f"{queries[i]} (cos {cosine[0, i]:.3f})" for i in order)
+    assert result["results"][str(path)] == expected
