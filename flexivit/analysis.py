@@ -58,8 +58,9 @@ def _unbiased_hsic(k: torch.Tensor, l_: torch.Tensor) -> torch.Tensor:
 
 
 class MinibatchCKA:
-    """Linear CKA accumulated over minibatches: ``sum HSIC_1(K_b, L_b) / sqrt(sum HSIC_1(K_b, K_b) sum HSIC_1(L_b, L_b))``
-    with the unbiased estimator per batch of at least 4 examples. For many batches it converges to full-batch CKA."""
+    """Linear CKA accumulated over minibatches b:
+    ``sum_b HSIC_1(K_b, L_b) / sqrt(sum_b HSIC_1(K_b, K_b) * sum_b HSIC_1(L_b, L_b))``, with the unbiased estimator
+    HSIC_1 on batches of at least 4 examples. Over many batches it converges to full-batch CKA."""
 
     def __init__(self):
         self.xy = self.xx = self.yy = 0.0
