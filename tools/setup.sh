@@ -38,4 +38,15 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/doc/labelme-e
     echo "setup: NOTE: no apt/root: install dataset-fashion-mnist and labelme-examples yourself (see README)"
   fi
 fi
+# Headless Chromium and its driver for the demo page's browser test (tests/test_demo.py skips without them).
+if ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium and chromium-driver with apt (the demo page's browser test)"
+    (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null; }) ||
+      echo "setup: WARNING: apt could not install chromium; the browser test will be skipped"
+  else
+    echo "setup: NOTE: no apt/root: install chromium and chromedriver for the browser test"
+  fi
+fi
 echo "setup: ready (.venv/bin/python: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,193 @@
+"""An interactive page: one model, a patch-size slider, the prediction, its cost and where the model looks.
+
+    python -m tools.demo --workdir runs/fashion_mnist          # then open http://127.0.0.1:7860
+    python -m tools.demo --workdir runs/seg --port 8000 --patch-sizes 16 12 8 6 4
+
+Pick a validation image or upload one, move the slider: the page shows the prediction at that patch size
+(classification: top-5 classes; segmentation: the mask over the image), the latency measured on this machine for
+that image (median of 5 calls) and the GFLOPs, the token grid drawn over the image, and the class token's attention
+relevance (flexivit.analysis). A small Flask app with one HTML page of plain JavaScript: nothing is fetched from
+the internet, so it starts offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import io
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from flexivit import analysis
+from tasks.common.config import apply_overrides
+from tasks.common.profiling import count_gflops_fn
+from tools.analyze import backbone_of, validation_images
+from tools.eval import load_task_model, workdir_source
+
+NUM_EXAMPLES = 8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="a classification or segmentation workdir")
+    parser.add_argument("--config", help="a config file to use instead of the workdir's config.json")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--patch-sizes", nargs="+", type=int, help="the slider's stops (default: eval.patch_sizes)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    return parser.parse_args(argv)
+
+
+def _png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    x = image.permute(1, 2, 0).float()
+    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
+    return (x.numpy() * 255).round().astype(np.uint8)
+
+
+class DemoModel:
+    """What the page asks for, computed: the prediction, cost and relevance of one image at one patch size."""
+
+    def __init__(self, workdir, config_path=None, overrides=(), patch_sizes=None):
+        config, checkpoint = workdir_source(workdir, config_path)
+        self.config = apply_overrides(config, list(overrides))
+        self.task_name = self.config.task
+        if self.task_name not in ("classification", "segmentation"):
+            raise SystemExit(f"tools.demo shows classification and segmentation workdirs, not {self.task_name}")
+        task = importlib.import_module(f"tasks.{self.task_name}")
+        _, _, val_set, info = task.build_datasets(self.config.data)
+        self.model = load_task_model(task, self.config, info, checkpoint).eval()
+        self.backbone = backbone_of(self.model)
+        self.classes = list(info)
+        self.patch_sizes = list(patch_sizes or self.config.eval.patch_sizes)
+        self.image_size = self.config.data.image_size
+        self.examples = validation_images(val_set, NUM_EXAMPLES, self.image_size)
+        from tasks.common.transforms import as_value_range, eval_transform
+
+        value_range = as_value_range(self.config.data.value_range)
+        self.transform = eval_transform(self.image_size, crop_ratio=1.0, value_range=value_range)
+        self._gflops = {}
+
+    def image_from_upload(self, data_url: str) -> torch.Tensor:
+        raw = base64.b64decode(data_url.split(",", 1)[-1])
+        with Image.open(io.BytesIO(raw)) as image:
+            return self.transform(image.convert("RGB"))
+
+    @torch.no_grad()
+    def logits(self, image: torch.Tensor, patch: int) -> torch.Tensor:
+        return self.model(image[None], patch_size=patch)[0].float()
+
+    def gflops(self, patch: int) -> float:
+        if patch not in self._gflops:
+            example = self.examples[:1]
+            self._gflops[patch] = count_gflops_fn(lambda x: self.model(x, patch_size=patch), example)
+        return self._gflops[patch]
+
+    def latency_ms(self, image: torch.Tensor, patch: int, repeats: int = 5) -> float:
+        times = []
+        with torch.inference_mode():
+            self.model(image[None], patch_size=patch)  # warm-up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.model(image[None], patch_size=patch)
+                times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    def relevance(self, image: torch.Tensor, patch: int) -> torch.Tensor:
+        if self.backbone.head is not None:
+            return analysis.attention_relevance(self.backbone, image[None], patch)[0]
+        return analysis.attention_rollout(self.backbone, image[None], patch)[0]
+
+    def predict(self, image: torch.Tensor, patch: int) -> dict:
+        if patch not in self.patch_sizes:
+            raise ValueError(f"patch size {patch} is not one of the slider's {self.patch_sizes}")
+        h, w = image.shape[-2:]
+        grid = self.backbone.forward_features(image[None], patch)["grid"] if self.task_name != "segmentation" else (
+            -(-h // patch), -(-w // patch)
+        )  # fmt: skip
+        logits = self.logits(image, patch)
+        result = {"patch_size": patch, "grid": [int(grid[0]), int(grid[1])], "gflops": self.gflops(patch),
+                  "latency_ms": self.latency_ms(image, patch)}  # fmt: skip
+        if self.task_name == "classification":
+            probs = logits.softmax(-1)
+            top = probs.topk(min(5, len(self.classes)))
+            result["prediction"] = [
+                {"label": self.classes[i], "score": round(float(p), 4)}
+                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            ]
+        else:
+            from tools.predict import palette
+
+            labels = logits.argmax(0).numpy()
+            colours = palette(len(self.classes))
+            result["overlay"] = _png(colours[labels])
+            present = np.unique(labels)
+            result["prediction"] = [{"label": self.classes[c], "score": round(float((labels == c).mean()), 4)}
+                                    for c in present]  # fmt: skip
+        rel = self.relevance(image, patch)
+        heat = F.interpolate(rel[None, None], size=(h, w), mode="nearest")[0, 0]
+        heat = (heat / heat.max().clamp(min=1e-12)).numpy()
+        rgba = np.zeros((h, w, 4), np.uint8)
+        rgba[..., 0], rgba[..., 3] = 255, (heat * 150).astype(np.uint8)  # red, opaque where relevant
+        result["relevance"] = _png(rgba)
+        return result
+
+
+PAGE = Path(__file__).with_name("demo_page.html")  # one page of HTML and plain JavaScript, no external file
+
+
+def create_app(demo: DemoModel):
+    from flask import Flask, jsonify, request
+
+    app = Flask("flexivit-demo")
+    examples = [_png(_to_uint8(image)) for image in demo.examples]
+
+    @app.get("/")
+    def page():
+        return PAGE.read_text()
+
+    @app.get("/api/info")
+    def info():
+        return jsonify(task=demo.task_name, patch_sizes=demo.patch_sizes, image_size=demo.image_size,
+                       examples=examples)  # fmt: skip
+
+    @app.post("/api/predict")
+    def predict():
+        body = request.get_json(force=True)
+        try:
+            patch = int(body["patch_size"])
+            if "image" in body:
+                image = demo.image_from_upload(body["image"])
+            else:
+                index = int(body.get("example", 0))
+                if not 0 <= index < len(demo.examples):
+                    raise ValueError(f"example {index} does not exist (0..{len(demo.examples) - 1})")
+                image = demo.examples[index]
+            return jsonify(demo.predict(image, patch))
+        except (KeyError, ValueError, OSError) as error:
+            return jsonify(error=f"{type(error).__name__}: {error}"), 400
+
+    return app
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    demo = DemoModel(args.workdir, args.config, args.set, args.patch_sizes)
+    print(f"FlexiViT demo: http://{args.host}:{args.port}  ({demo.task_name}, patch sizes {demo.patch_sizes})")
+    create_app(demo).run(host=args.host, port=args.port, threaded=False)
+
+
+if __name__ == "__main__":
+    main()
