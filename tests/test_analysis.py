@@ -127,3 +127,21 @@ def test_analyze_command_writes_every_analysis(tmp_path):
         -0.01 <= float(r["cka same block"]) <= 1.01 for r in cka
     )
     assert "## CKA against patch 12" in (out / "analysis.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["none", "coarse_to_fine", "uniform_then_target"])
+def test_curricula_spend_the_compute_of_the_fixed_run_and_end_at_the_target(name):
+    from configs.classification import fashion_mnist_curriculum as cur
+    from tasks.common.config import load_config
+
+    config = load_config(f"configs/classification/fashion_mnist_curriculum.py:curriculum={name},target=8,budget=600")
+    stages, steps = config.patch_sizes.stages, config.train.steps
+    assert stages[-1][1] == {"kind": "fixed", "sizes": [8]} and config.eval.patch_sizes == [8]
+    ends = [start for start, _ in stages[1:]] + [steps]
+    spent = sum(
+        (end - start) * sum(cur.step_flops(p, 8) for p in spec["sizes"]) / len(spec["sizes"])
+        for (start, spec), end in zip(stages, ends, strict=True)
+    )
+    assert spent == pytest.approx(600 * cur.step_flops(8, 8), rel=0.01)  # equal compute, up to rounding of steps
+    sampler = flexivit.build_sampler(**config.patch_sizes)
+    assert sampler(steps - 1) == 8 and (name == "none" or sampler(0) != 8)
