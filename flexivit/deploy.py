@@ -92,14 +92,21 @@ def to_timm(model: FlexiViT, patch_size: PatchSize, image_size: int | Sequence[i
     position embedding before the class token is prepended, as FlexiViT does (the class token has none), and
     ``fc_norm=False`` keeps the final norm before pooling for ``pool="gap"`` (timm would normalise after).
     """
+    fixed = fix_patch_size(model, patch_size, image_size)
+    kwargs = timm_kwargs(model, patch_size, image_size)
+    # The names are timm's already (checkpoint.py reads timm files with the same keys).
+    state = {key: value.detach().clone() for key, value in fixed.state_dict().items()}
+    return state, kwargs
+
+
+def timm_kwargs(model: FlexiViT, patch_size: PatchSize, image_size: int | Sequence[int]) -> dict:
+    """The timm ``VisionTransformer`` arguments of ``model``'s shape at one patch size (see :func:`to_timm`)."""
     kw = model.kwargs
     if kw["norm_eps"] != 1e-6:
         raise ValueError(f"timm's ViT normalises with eps 1e-6; this model uses norm_eps {kw['norm_eps']}")
-    fixed = fix_patch_size(model, patch_size, image_size)
-    image = to_2tuple(image_size, "image_size")
-    kwargs = dict(
-        img_size=_compact(image),
-        patch_size=fixed.kwargs["patch_size"],
+    return dict(
+        img_size=_compact(to_2tuple(image_size, "image_size")),
+        patch_size=_compact(to_2tuple(patch_size, "patch_size")),
         in_chans=kw["in_chans"],
         embed_dim=kw["width"],
         depth=kw["depth"],
@@ -113,9 +120,6 @@ def to_timm(model: FlexiViT, patch_size: PatchSize, image_size: int | Sequence[i
         num_classes=model.num_classes,
         act_layer="gelu_tanh" if kw["gelu_approximate"] == "tanh" else "gelu",
     )
-    # The names are timm's already (checkpoint.py reads timm files with the same keys).
-    state = {key: value.detach().clone() for key, value in fixed.state_dict().items()}
-    return state, kwargs
 
 
 def _compact(pair: Size) -> int | list[int]:
@@ -123,4 +127,4 @@ def _compact(pair: Size) -> int | list[int]:
     return pair[0] if pair[0] == pair[1] else list(pair)
 
 
-__all__ = ["fix_patch_size", "to_timm"]
+__all__ = ["fix_patch_size", "timm_kwargs", "to_timm"]

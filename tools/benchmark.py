@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import flexivit
 from flexivit.checkpoint import atomic_write
-from flexivit.deploy import fix_patch_size
+from flexivit.deploy import fix_patch_size, timm_kwargs
 from flexivit.pi_resize import clear_caches
 from tasks.common.deployment import PRECISIONS, autocast_dtype
 from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
@@ -200,21 +200,7 @@ def build_timm(ours: flexivit.FlexiViT, patch: int, image_size: int, device: tor
     """timm's VisionTransformer with our model's shape at one patch size (class token without posemb, as ours)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    kw = ours.kwargs
-    model = VisionTransformer(
-        img_size=image_size,
-        patch_size=patch,
-        in_chans=kw["in_chans"],
-        embed_dim=kw["width"],
-        depth=kw["depth"],
-        num_heads=kw["num_heads"],
-        mlp_ratio=kw["mlp_ratio"],
-        qkv_bias=kw["qkv_bias"],
-        class_token=True,
-        no_embed_class=True,
-        global_pool="token",
-        num_classes=ours.num_classes,
-    )
+    model = VisionTransformer(**timm_kwargs(ours, patch, image_size))
     return model.to(device)
 
 
