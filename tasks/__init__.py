@@ -23,8 +23,8 @@ Optional
 
 - ``collate(items) -> batch``: the training batch from a list of items, for variable-length targets (boxes);
   default: torch's ``default_collate``.
-- ``image_forward(model) -> fn(images, patch_size=p)``: what ``tools.eval`` counts (GFLOPs) and times; default the
-  model itself.
+- ``image_forward(model) -> fn(images, patch_size=p)``: what ``tools.eval`` and ``tools.deploy`` count (GFLOPs) and
+  time; default the model itself.
 - ``token_grid(image_hw, patch) -> (gh, gw)``: the token grid at a patch size when the task pads instead of
   dropping the border; default ``image // patch``.
 - ``load_model(path_or_workdir) -> nn.Module``: rebuild the task model from one of its checkpoints alone.

@@ -371,3 +371,13 @@ def test_predict_contrastive_ranks_the_queries_by_cosine(tmp_path):
     order = cosine[0].argsort(descending=True).tolist()
     expected = ", ".join(f"{queries[i]} (cos {cosine[0, i]:.3f})" for i in order)
     assert result["results"][str(path)] == expected
+
+
+@needs_fashion_mnist
+def test_predict_budget_that_nothing_meets_is_a_clear_exit(classifier_workdir, tmp_path):
+    choice = {"metric": "accuracy", "rows": [dict(row, device="cpu", batch=1) for row in TABLE]}
+    (classifier_workdir / "deploy").mkdir(exist_ok=True)
+    (classifier_workdir / "deploy" / "choice.json").write_text(json.dumps(choice))
+    paths = _write_images(tmp_path / "images", 1)
+    with pytest.raises(SystemExit, match="budget of 0.5 ms: the cheapest is patch 16 at 2 ms"):
+        predict.main(["--workdir", str(classifier_workdir), "--budget-ms", "0.5", str(paths[0])])

@@ -152,6 +152,8 @@ def run_cka(model, images, patch_sizes, batch, out: Path) -> list[str]:
         for ax, (kind, mat) in zip(axes[0], mats.items(), strict=True):
             im = ax.imshow(mat, vmin=0, vmax=1, cmap="magma", origin="lower")
             ax.set_title(f"{'token map' if kind == 'map' else 'class token'}: p{ref} vs p{q}")
+            ax.set_xticks(range(mat.shape[1]))
+            ax.set_yticks(range(mat.shape[0]))
             ax.set_xlabel(f"block at p{q}")
             ax.set_ylabel(f"block at p{ref}")
             fig.colorbar(im, ax=ax, fraction=0.046)

@@ -773,6 +773,7 @@ def bench_deployment(args, argv: list[str]) -> Path:
         batch = args.batch_size if device.type == "cpu" else args.gpu_batch_size
         for name in args.models:
             ours = build_ours(name, args.overrides, device).eval()
+            torch.nn.init.normal_(ours.head.weight, std=0.02)  # not the zero init: the logits must differ to compare
             x = torch.randn(batch, ours.kwargs["in_chans"], args.image_size, args.image_size, device=device)
             for patch in args.patch_sizes:
                 fixed = fix_patch_size(ours, patch, args.image_size).eval()
@@ -834,7 +835,11 @@ def _bench_onnx(model, x: torch.Tensor, name: str, patch: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, path, x[:2])
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # ORT's threads spin-wait between calls by default, which would slow the eager calls taking turns with it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"images": x.numpy()}
     with torch.inference_mode():
         diff = (torch.from_numpy(session.run(None, feed)[0]) - model(x)).abs().max().item()

@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
         else f"{metric} >= {args.min_metric:g}, fastest"
     )  # fmt: skip
     runtime = time.perf_counter() - started
-    percent = [k for k in rows[0] if k.split("_")[0] in ("accuracy", "top5") and not k.endswith("delta")]
+    percent = [k for k in rows[0] if k.split("_")[0] in ("accuracy", "top5")]  # fractions, shown in % (points)
     columns = ["patch_size", "grid", "gflops", "latency_ms", "img_per_s"]
     columns += [k for k in rows[0] if k not in columns + ["device", "precision", "batch", "front", "chosen"]]
     columns += ["front", "chosen"]

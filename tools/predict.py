@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from tasks.common.config import apply_overrides
-from tasks.common.deployment import PRECISIONS, autocast, autocast_dtype, choose
+from tasks.common.deployment import PRECISIONS, BudgetError, autocast, autocast_dtype, choose
 from tools.eval import load_task_model, workdir_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -75,7 +75,10 @@ def budget_patch_size(workdir: Path, budget_ms: float) -> int:
     if not path.exists():
         raise SystemExit(f"{path} is missing: run `python -m tools.deploy --workdir {workdir} --budget-ms ...` first")
     choice = json.loads(path.read_text())
-    row = choose(choice["rows"], choice["metric"], budget_ms=budget_ms)
+    try:
+        row = choose(choice["rows"], choice["metric"], budget_ms=budget_ms)
+    except BudgetError as error:
+        raise SystemExit(f"{path}: {error}") from None
     device, batch = row["device"], row["batch"]
     print(f"patch {row['patch_size']}: {choice['metric']} {row[choice['metric']]:.4g}, "
           f"{row['latency_ms']:.3g} ms per batch of {batch} on {device} (tools.deploy)")  # fmt: skip

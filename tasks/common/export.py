@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import io
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def export_program(model: FixedSizeModel, path: str | Path, example: torch.Tenso
         program = torch.export.export(model, (example,), dynamic_shapes=_batch_dim())
     # torch.export stores extra files as text: the safetensors bytes go in base64.
     extra = {EXAMPLE_FILE: base64.b64encode(save_safetensors_bytes({"images": example.contiguous()})).decode()}
-    flexivit.checkpoint.atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+    buffer = io.BytesIO()  # torch.export wants a name ending in .pt2 or a buffer: the temporary file has neither
+    torch.export.save(program, buffer, extra_files=extra)
+    flexivit.checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
     return program
 
 
