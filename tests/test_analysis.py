@@ -145,3 +145,17 @@ def test_curricula_spend_the_compute_of_the_fixed_run_and_end_at_the_target(name
     assert spent == pytest.approx(600 * cur.step_flops(8, 8), rel=0.01)  # equal compute, up to rounding of steps
     sampler = flexivit.build_sampler(**config.patch_sizes)
     assert sampler(steps - 1) == 8 and (name == "none" or sampler(0) != 8)
+
+
+def test_analyze_reads_a_segmentation_backbone(tmp_path):
+    workdir = tmp_path / "seg"
+    train.main(["--config", "configs/segmentation/scenes.py:runlocal", "--workdir", str(workdir),
+                "--set", "train.steps=2", "eval.final=False"])  # fmt: skip
+    out = tmp_path / "analysis"
+    analyze.main(["--workdir", str(workdir), "--what", "cka", "attention", "similarity", "--patch-sizes", "16", "8",
+                  "--num-images", "8", "--batch", "4", "--out", str(out)])  # fmt: skip
+    text = (out / "analysis.md").read_text()
+    assert "attention rollout (no head)" in text  # Segmenter's backbone has no classification head
+    assert (out / "cka_p16_vs_p8.png").exists() and (out / "similarity.png").exists()
+    with pytest.raises(SystemExit, match="needs a classification workdir"):
+        analyze.main(["--workdir", str(workdir), "--what", "ensemble", "--out", str(out)])

@@ -109,3 +109,17 @@ def test_page_in_headless_chromium_follows_the_slider(demo_model, tmp_path):
     finally:
         browser.quit()
         server.shutdown()
+
+
+def test_api_shows_a_segmentation_mask(tmp_path):
+    workdir = tmp_path / "seg"
+    train.main(["--config", "configs/segmentation/scenes.py:runlocal", "--workdir", str(workdir),
+                "--set", "train.steps=2", "eval.final=False"])  # fmt: skip
+    model = demo.DemoModel(workdir)
+    client = demo.create_app(model).test_client()
+    r = client.post("/api/predict", json={"example": 0, "patch_size": 8}).get_json()
+    with torch.no_grad():
+        labels = model.model(model.examples[:1], patch_size=8)[0].argmax(0)
+    shares = {model.classes[int(c)]: float((labels == c).float().mean()) for c in labels.unique()}
+    assert {p["label"]: p["score"] for p in r["prediction"]} == pytest.approx(shares, abs=1e-4)
+    assert r["overlay"].startswith("data:image/png;base64,") and r["grid"] == [6, 6]  # 48 px padded to 48 at p8

@@ -312,13 +312,20 @@ def test_predict_writes_segmentation_masks_at_the_image_size(tmp_path):
     assert choice["chosen"]["latency_ms"] == min(row["latency_ms"] for row in choice["rows"])
 
 
+def _predict_with_budget(workdir, tmp_path, budget_ms: str) -> dict:
+    """tools.predict --budget-ms on one image, with the synthetic TABLE as the workdir's deploy choice."""
+    choice = {"metric": "accuracy", "rows": [dict(row, device="cpu", batch=1) for row in TABLE]}
+    (workdir / "deploy").mkdir(exist_ok=True)
+    (workdir / "deploy" / "choice.json").write_text(json.dumps(choice))
+    paths = _write_images(tmp_path / "images", 1)
+    return predict.main(["--workdir", str(workdir), "--budget-ms", budget_ms, str(paths[0])])
+
+
 @needs_fashion_mnist
 def test_predict_budget_uses_the_deploy_choice(classifier_workdir, tmp_path):
-    choice = {"metric": "accuracy", "rows": [dict(row, device="cpu", batch=1) for row in TABLE]}
-    (classifier_workdir / "deploy").mkdir(exist_ok=True)
-    (classifier_workdir / "deploy" / "choice.json").write_text(json.dumps(choice))
-    paths = _write_images(tmp_path / "images", 1)
-    assert predict.main(["--workdir", str(classifier_workdir), "--budget-ms", "7", str(paths[0])])["patch_size"] == 8
+    assert _predict_with_budget(classifier_workdir, tmp_path, "7")["patch_size"] == 8
+    with pytest.raises(SystemExit, match="budget of 0.5 ms: the cheapest is patch 16 at 2 ms"):
+        _predict_with_budget(classifier_workdir, tmp_path, "0.5")  # nothing meets it: a clear exit
 
 
 @needs_fashion_mnist
@@ -371,13 +378,3 @@ def test_predict_contrastive_ranks_the_queries_by_cosine(tmp_path):
     order = cosine[0].argsort(descending=True).tolist()
     expected = ", ".join(f"{queries[i]} (cos {cosine[0, i]:.3f})" for i in order)
     assert result["results"][str(path)] == expected
-
-
-@needs_fashion_mnist
-def test_predict_budget_that_nothing_meets_is_a_clear_exit(classifier_workdir, tmp_path):
-    choice = {"metric": "accuracy", "rows": [dict(row, device="cpu", batch=1) for row in TABLE]}
-    (classifier_workdir / "deploy").mkdir(exist_ok=True)
-    (classifier_workdir / "deploy" / "choice.json").write_text(json.dumps(choice))
-    paths = _write_images(tmp_path / "images", 1)
-    with pytest.raises(SystemExit, match="budget of 0.5 ms: the cheapest is patch 16 at 2 ms"):
-        predict.main(["--workdir", str(classifier_workdir), "--budget-ms", "0.5", str(paths[0])])
