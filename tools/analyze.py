@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import flexivit
 from flexivit import analysis
 from flexivit.checkpoint import atomic_write_text
 from tasks.common.config import apply_overrides
+from tasks.common.deployment import backbone_of
 from tasks.common.profiling import count_gflops_fn
 from tasks.common.reporting import markdown_table, write_csv
 from tools.eval import load_task_model, workdir_source
@@ -54,15 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-
-def backbone_of(model: torch.nn.Module) -> flexivit.FlexiViT:
-    if isinstance(model, flexivit.FlexiViT):
-        return model
-    found = next((m for m in model.modules() if isinstance(m, flexivit.FlexiViT)), None)
-    if found is None:
-        raise ValueError(f"{type(model).__name__} holds no FlexiViT")
-    return found
 
 
 def _image_dataset(val_set):

@@ -27,8 +27,9 @@ from PIL import Image
 
 from flexivit import analysis
 from tasks.common.config import apply_overrides
+from tasks.common.deployment import backbone_of
 from tasks.common.profiling import count_gflops_fn
-from tools.analyze import backbone_of, validation_images
+from tools.analyze import validation_images
 from tools.eval import load_task_model, workdir_source
 
 NUM_EXAMPLES = 8

@@ -24,7 +24,7 @@ import torch
 
 from flexivit.checkpoint import atomic_write_text
 from tasks.common.config import apply_overrides
-from tasks.common.deployment import PRECISIONS, BudgetError, autocast, autocast_dtype, choose, pareto_front
+from tasks.common.deployment import PRECISIONS, BudgetError, autocast, autocast_dtype, backbone_of, choose, pareto_front
 from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
 from tasks.common.reporting import markdown_table, write_csv
 from tools.eval import DESCRIPTIVE, load_task_model, primary_metric, workdir_source
@@ -87,7 +87,7 @@ def measure(task, model, config, patch_sizes, device, *, precision: str, batch: 
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
     forward = getattr(task, "image_forward", lambda m: m)(model)
     token_grid = getattr(task, "token_grid", lambda hw, p: (hw[0] // p[0], hw[1] // p[1]))
-    channels = _in_chans(model)
+    channels = backbone_of(model).kwargs["in_chans"]
     example = torch.randn(batch, channels, *image_hw, device=device)
     described = device_description(device)
     rows = []
@@ -109,13 +109,6 @@ def measure(task, model, config, patch_sizes, device, *, precision: str, batch: 
             }
         )
     return rows
-
-
-def _in_chans(model: torch.nn.Module) -> int:
-    from flexivit import FlexiViT
-
-    backbone = next((m for m in model.modules() if isinstance(m, FlexiViT)), None)
-    return backbone.kwargs["in_chans"] if backbone is not None else 3
 
 
 def plot_front(rows: list[dict], front: list[dict], chosen: dict | None, metric: str, path: Path, *, cost: str,

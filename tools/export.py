@@ -27,6 +27,7 @@ import torch
 import flexivit
 from flexivit.checkpoint import atomic_write, atomic_write_text
 from tasks.common.config import apply_overrides
+from tasks.common.deployment import backbone_of
 from tasks.common.export import FixedSizeModel, example_input, export_onnx, export_program, load_program
 from tools.eval import load_task_model, workdir_source
 
@@ -107,11 +108,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"tools.export takes a square image size; the config has {size} (give --image-size)")
     out = Path(args.out)
     if args.format == "timm":
-        backbone = (
-            model
-            if isinstance(model, flexivit.FlexiViT)
-            else next(m for m in model.modules() if isinstance(m, flexivit.FlexiViT))
-        )
+        backbone = backbone_of(model)
         if backbone is not model:
             print(f"{task_name}: exporting the backbone only (its head is not a timm module)")
         diff = export_timm(backbone, args.patch_size, size, out, args.atol)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+import flexivit
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -37,6 +39,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def backbone_of(model: torch.nn.Module) -> flexivit.FlexiViT:
+    """The FlexiViT of a task model (the model itself for classification, else the first one inside it)."""
+    if isinstance(model, flexivit.FlexiViT):
+        return model
+    found = next((m for m in model.modules() if isinstance(m, flexivit.FlexiViT)), None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} holds no FlexiViT")
+    return found
 
 
 def pareto_front(rows: Sequence[dict], metric: str, cost: str = "latency_ms") -> list[dict]:
@@ -104,4 +116,4 @@ def _has(row: dict, key: str) -> bool:
     return isinstance(row.get(key), int | float) and not isinstance(row.get(key), bool)
 
 
-__all__ = ["PRECISIONS", "BudgetError", "autocast", "autocast_dtype", "choose", "pareto_front"]
+__all__ = ["PRECISIONS", "BudgetError", "autocast", "autocast_dtype", "backbone_of", "choose", "pareto_front"]

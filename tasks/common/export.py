@@ -23,6 +23,8 @@ from torch import nn
 import flexivit
 from flexivit.pi_resize import to_2tuple
 
+from .deployment import backbone_of
+
 EXPORTABLE = ("classification", "segmentation", "contrastive")
 EXAMPLE_FILE = "example_input.safetensors"  # inside a torch.export archive
 
@@ -62,7 +64,7 @@ def _fix_backbones(model: nn.Module, patch, image_size) -> nn.Module:
 
 
 def example_input(model: FixedSizeModel, batch: int = 2) -> torch.Tensor:
-    channels = next(m for m in model.modules() if isinstance(m, flexivit.FlexiViT)).kwargs["in_chans"]
+    channels = backbone_of(model).kwargs["in_chans"]
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch, channels, *model.image_size, generator=generator)
 
