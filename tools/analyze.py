@@ -80,11 +80,9 @@ def validation_images(val_set, n: int, image_size: int) -> torch.Tensor:
 def file_images(paths, config) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
-    from tasks.common.transforms import as_value_range, eval_transform
+    from tasks.common.transforms import data_eval_transform
 
-    transform = eval_transform(
-        config.data.image_size, crop_ratio=1.0, value_range=as_value_range(config.data.value_range)
-    )
+    transform = data_eval_transform(config.data, crop_ratio=1.0)  # the whole image, squashed to a square
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]), [Path(p).name for p in paths]
 
 

@@ -30,7 +30,7 @@ from tasks.common.config import apply_overrides
 from tasks.common.deployment import backbone_of
 from tasks.common.profiling import count_gflops_fn
 from tools.analyze import validation_images
-from tools.eval import load_task_model, workdir_source
+from tools.eval import load_task_model, task_token_grid, workdir_source
 
 NUM_EXAMPLES = 8
 
@@ -75,10 +75,10 @@ class DemoModel:
         self.patch_sizes = list(patch_sizes or self.config.eval.patch_sizes)
         self.image_size = self.config.data.image_size
         self.examples = validation_images(val_set, NUM_EXAMPLES, self.image_size)
-        from tasks.common.transforms import as_value_range, eval_transform
+        from tasks.common.transforms import data_eval_transform
 
-        value_range = as_value_range(self.config.data.value_range)
-        self.transform = eval_transform(self.image_size, crop_ratio=1.0, value_range=value_range)
+        self.transform = data_eval_transform(self.config.data, crop_ratio=1.0)
+        self.token_grid = task_token_grid(task)
         self._gflops = {}
 
     def image_from_upload(self, data_url: str) -> torch.Tensor:
@@ -115,9 +115,7 @@ class DemoModel:
         if patch not in self.patch_sizes:
             raise ValueError(f"patch size {patch} is not one of the slider's {self.patch_sizes}")
         h, w = image.shape[-2:]
-        grid = self.backbone.forward_features(image[None], patch)["grid"] if self.task_name != "segmentation" else (
-            -(-h // patch), -(-w // patch)
-        )  # fmt: skip
+        grid = self.token_grid((h, w), (patch, patch))  # no extra forward: the task knows its grid (padding or not)
         logits = self.logits(image, patch)
         result = {"patch_size": patch, "grid": [int(grid[0]), int(grid[1])], "gflops": self.gflops(patch),
                   "latency_ms": self.latency_ms(image, patch)}  # fmt: skip

@@ -27,7 +27,7 @@ from tasks.common.config import apply_overrides
 from tasks.common.deployment import PRECISIONS, BudgetError, autocast, autocast_dtype, backbone_of, choose, pareto_front
 from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
 from tasks.common.reporting import markdown_table, write_csv
-from tools.eval import DESCRIPTIVE, load_task_model, primary_metric, workdir_source
+from tools.eval import DESCRIPTIVE, image_forward, load_task_model, primary_metric, task_token_grid, workdir_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,8 +85,7 @@ def measure(task, model, config, patch_sizes, device, *, precision: str, batch: 
     dtype = autocast_dtype(precision, device)
     size = config.data.image_size
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
-    forward = getattr(task, "image_forward", lambda m: m)(model)
-    token_grid = getattr(task, "token_grid", lambda hw, p: (hw[0] // p[0], hw[1] // p[1]))
+    forward, token_grid = image_forward(task, model), task_token_grid(task)
     channels = backbone_of(model).kwargs["in_chans"]
     example = torch.randn(batch, channels, *image_hw, device=device)
     described = device_description(device)

@@ -89,9 +89,7 @@ def sweep(
     size = config.data.image_size
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
     results = task.evaluate(model, val_set, patches, device, dtype, config.eval.batch_size)
-    forward = getattr(task, "image_forward", lambda m: m)(model)
-    # The backbone drops a border that the patches do not tile; a task that pads instead says so with token_grid.
-    token_grid = getattr(task, "token_grid", lambda hw, p: (hw[0] // p[0], hw[1] // p[1]))
+    forward, token_grid = image_forward(task, model), task_token_grid(task)
     # Speed does not depend on pixel values: time a synthetic batch of the configured size (validation images may
     # differ in size, e.g. ADE20k).
     example = torch.randn(timing_batch, 3, *image_hw, device=device)
@@ -109,6 +107,17 @@ def sweep(
         row.update({("accuracy" if k == "top1" else k): v for k, v in results[patch].items() if k != "n"})
         rows.append(row)
     return rows
+
+
+def image_forward(task, model: torch.nn.Module):
+    """What is counted and timed per patch size: the task's ``image_forward(model)``, by default the model itself."""
+    return getattr(task, "image_forward", lambda m: m)(model)
+
+
+def task_token_grid(task):
+    """``fn(image_hw, (ph, pw)) -> (gh, gw)``: the backbone drops a border that the patches do not tile; a task that
+    pads instead says so with its own ``token_grid``."""
+    return getattr(task, "token_grid", lambda hw, p: (hw[0] // p[0], hw[1] // p[1]))
 
 
 def load_task_model(task, config: Config, info, checkpoint: Path) -> torch.nn.Module:

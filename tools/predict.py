@@ -91,27 +91,22 @@ class Predictor:
     def __init__(self, task_name: str, model, config, info, patch: int, device, dtype, args):
         self.task_name, self.model, self.patch, self.device, self.dtype = task_name, model, patch, device, dtype
         self.args, data = args, config.data
-        if task_name == "classification":
-            from tasks.common.transforms import as_value_range, eval_transform
-
-            self.transform = eval_transform(data.image_size, crop_ratio=data.eval_crop_ratio,
-                                            value_range=as_value_range(data.value_range))  # fmt: skip
-            self.classes = list(info)
-        elif task_name == "segmentation":
+        if task_name not in ("classification", "segmentation", "contrastive"):
+            raise SystemExit(f"tools.predict handles classification, segmentation and contrastive; not {task_name}")
+        if task_name == "segmentation":
             from tasks.segmentation.transforms import EvalTransform
 
             scale = tuple(data.test_scale) if data.test_scale else None
             self.transform = lambda image: EvalTransform(scale=scale, value_range=data.value_range)(
                 image, np.zeros((1, 1), np.uint8)
             )[0]
-            self.classes = list(info)
-            self.palette = palette(len(self.classes))
+            self.palette = palette(len(info))
             self.out = Path(args.out) if args.out else Path(args.workdir) / "predictions"
-        elif task_name == "contrastive":
-            from tasks.common.transforms import as_value_range, eval_transform
+        else:
+            from tasks.common.transforms import data_eval_transform
 
-            self.transform = eval_transform(data.image_size, crop_ratio=data.eval_crop_ratio,
-                                            value_range=as_value_range(data.value_range))  # fmt: skip
+            self.transform = data_eval_transform(data)
+        if task_name == "contrastive":
             queries = args.queries or _class_prompts(config, info)
             if not queries:
                 raise SystemExit("the contrastive model needs --queries (its config has no zero-shot class names)")
@@ -120,7 +115,7 @@ class Predictor:
                 tokens = model.tokenize(self.queries).to(device)
                 self.text = model.encode_text(tokens, normalize=True).float()
         else:
-            raise SystemExit(f"tools.predict handles classification, segmentation and contrastive; not {task_name}")
+            self.classes = list(info)
 
     def __call__(self, paths: list[Path], images: list[Image.Image]) -> list[str]:
         with torch.no_grad(), autocast(self.device, self.dtype):

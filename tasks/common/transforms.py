@@ -92,6 +92,13 @@ def eval_transform(
     return v2.Compose([v2.ToImage(), *resize, _to_channels(channels), *_to_float(value_range, channels)])
 
 
+def data_eval_transform(data, crop_ratio: float | None = None) -> v2.Compose:
+    """:func:`eval_transform` as a data config sets it (``image_size``, ``value_range``, ``eval_crop_ratio`` unless
+    ``crop_ratio`` is given): how tools.predict, tools.analyze and tools.demo preprocess a user's own image files."""
+    ratio = data.eval_crop_ratio if crop_ratio is None else crop_ratio
+    return eval_transform(data.image_size, crop_ratio=ratio, value_range=as_value_range(data.value_range))
+
+
 class ConsistentViews:
     """One random crop (and flip) of an image, resized to each of ``sizes``: FunMatch's consistent views.
 
