@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -162,6 +163,17 @@ def test_quantiser_picks_the_nearest_normalised_codeword_and_passes_gradients_st
     (quantised * weight).sum().backward()
     assert torch.equal(x.grad, weight)  # straight through: d quantised / d x = identity
     assert torch.equal(vq.counts, torch.ones(16))  # eval mode: no dictionary update
+
+
+def test_quantiser_lookup_stays_float32_under_bf16_autocast():
+    # 512 unit codewords and 2,000 vectors: many nearest / second-nearest gaps are below bf16's rounding, so a
+    # lookup whose matmul autocast ran in bf16 picks other codes for some of them.
+    vq = VectorQuantizer(512, 32, seed=2).eval()
+    x = torch.randn(2000, 32)
+    brute = torch.cdist(x, vq.codewords()).argmin(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, codes = vq(x)
+    assert torch.equal(codes, brute)
 
 
 def test_one_ema_update_equals_a_hand_computation():
@@ -467,3 +479,58 @@ def test_both_stages_train_resume_evaluate_and_rebuild_from_their_checkpoints(tm
         train.main([*common, "model.code_len=9", "--workdir", str(tmp_path / "bad")])
     with pytest.raises(ValueError, match="model.oracle must name the stage I workdir"):
         train.main(["--config", config2, "--workdir", str(tmp_path / "none")])
+
+
+def _erase_instance_one_at_patch_16(images, semantic, instance, patch):
+    """A deterministic 'model': the ground truth, with the first canonical segment erased at patch 16."""
+    if patch == 16:
+        semantic, instance = semantic.masked_fill(instance == 1, 0), instance.masked_fill(instance == 1, 0)
+    return semantic, instance
+
+
+def _sharded_pq(rank, world, init_file, root, out_file):
+    import torch.distributed as dist
+
+    from tasks.panoptic.data import EvalSet, EvalTransform
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    json_path, png_dir, image_dir = split(root)
+    dataset = read_coco_panoptic(json_path, png_dir, image_dir)
+    dataset.transform = EvalTransform(48, (-1.0, 1.0), 8)
+    seen = []
+
+    def predict(images, semantic, instance, patch):
+        seen.append(len(images))
+        return _erase_instance_one_at_patch_16(images, semantic, instance, patch)
+
+    from tasks.panoptic.data import evaluate_pq
+
+    results = evaluate_pq(predict, EvalSet(dataset, json_path, png_dir), [8, 16], torch.device("cpu"), batch_size=1)
+    torch.save({"results": results, "seen": sum(seen)}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@needs_fashion_mnist
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process group")
+def test_pq_under_data_parallel_splits_the_images_and_equals_one_process(panoptic_root, tmp_path):
+    pytest.importorskip(
+        "panopticapi.evaluation", reason="panopticapi not installed (pip install --no-deps panopticapi-lite)"
+    )
+    import torch.multiprocessing as mp
+
+    from tasks.panoptic.data import EvalSet, EvalTransform, evaluate_pq
+
+    json_path, png_dir, image_dir = split(panoptic_root)
+    dataset = read_coco_panoptic(json_path, png_dir, image_dir)
+    dataset.transform = EvalTransform(48, (-1.0, 1.0), 8)
+    alone = evaluate_pq(
+        _erase_instance_one_at_patch_16, EvalSet(dataset, json_path, png_dir), [8, 16], torch.device("cpu")
+    )
+    assert alone[8]["PQ"] == pytest.approx(100.0) and alone[16]["PQ"] < 100.0
+    # spawn, not fork: a forked worker can hang in the OpenMP pool that the parent process has already used.
+    mp.spawn(_sharded_pq, args=(2, tmp_path / "pg", panoptic_root, tmp_path / "r.pt"), nprocs=2)
+    ranks = [torch.load(tmp_path / f"r.pt.{rank}") for rank in range(2)]
+    # Three validation scenes: rank 0 predicts two, rank 1 one, at each of the two patch sizes.
+    assert [r["seen"] for r in ranks] == [2 * 2, 1 * 2]
+    for r in ranks:  # every process gets the main process's numbers, which are those of one process alone
+        assert r["results"] == alone

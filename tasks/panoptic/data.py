@@ -22,7 +22,7 @@ from tasks.common.loader import JointTransform
 from tasks.common.transforms import as_value_range
 
 from .evaluation import panoptic_metrics, pq_compute
-from .targets import PanopticDataset, canonical_instances, read_coco_panoptic, write_coco_panoptic
+from .targets import PanopticDataset, canonical_instances, encode_prediction, read_coco_panoptic, write_encoded_panoptic
 
 
 def _to_model_input(image: torch.Tensor, value_range) -> torch.Tensor:
@@ -116,26 +116,32 @@ def build_datasets(data, distill=None) -> tuple:
 def evaluate_pq(predict, val_set: EvalSet, patch_sizes, device, batch_size: int = 8, results_dir=None) -> dict:
     """``{patch: PQ metrics (percent)}``: ``predict(images, semantic, instance, patch) -> (semantic, instance)``
     maps at the model size for each batch; they are resized to each image's size, written and scored by
-    ``pq_compute``. The main process evaluates every image (the others get its numbers)."""
+    ``pq_compute``. Under DDP each process predicts every world-size-th image and sends its encoded PNGs to the
+    main process, which scores the whole split; every process gets the same numbers."""
     dataset = val_set.images
+    mine = list(range(distributed.rank(), len(dataset), distributed.world_size()))
     results = {}
     for patch in patch_sizes:
+        encoded = []
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
+            items = [dataset[k] for k in indices]
+            images, semantic, instance = (torch.stack(parts).to(device) for parts in zip(*items, strict=True))
+            got_semantic, got_instance = predict(images, semantic, instance, patch)
+            for k, index in enumerate(indices):
+                record = dataset.records[index]
+                maps = torch.stack([got_semantic[k], got_instance[k]])[None].float()
+                maps = F.interpolate(maps, size=(record.height, record.width), mode="nearest")[0].long().cpu()
+                prediction = (record.image_id, record.image.name, maps[0].numpy(), maps[1].numpy())
+                encoded.append((index, *encode_prediction(*prediction, dataset.category_ids)))
+        if distributed.world_size() > 1:
+            encoded = [item for part in distributed.all_gather_object(encoded) for item in part]
         metrics = {}
         if distributed.is_main():
-            predictions = []
-            for start in range(0, len(dataset), batch_size):
-                items = [dataset[k] for k in range(start, min(start + batch_size, len(dataset)))]
-                images, semantic, instance = (torch.stack(parts).to(device) for parts in zip(*items, strict=True))
-                got_semantic, got_instance = predict(images, semantic, instance, patch)
-                for k, record in enumerate(dataset.records[start : start + len(items)]):
-                    maps = torch.stack([got_semantic[k], got_instance[k]])[None].float()
-                    maps = F.interpolate(maps, size=(record.height, record.width), mode="nearest")[0].long().cpu()
-                    predictions.append((record.image_id, record.image.name, maps[0].numpy(), maps[1].numpy()))
+            encoded = [(annotation, png) for _, annotation, png in sorted(encoded, key=lambda item: item[0])]
             with tempfile.TemporaryDirectory(prefix="flexivit-panoptic-") as tmp:
                 out = Path(results_dir or tmp) / f"p{patch}"
-                out_json = write_coco_panoptic(
-                    predictions, dataset.category_ids, out.with_suffix(".json"), out, val_set.gt_json
-                )
+                out_json = write_encoded_panoptic(encoded, out.with_suffix(".json"), out, val_set.gt_json)
                 metrics = panoptic_metrics(pq_compute(val_set.gt_json, out_json, val_set.gt_dir, out))
         results[patch] = _broadcast(metrics)
     return results

@@ -12,6 +12,7 @@ image however the annotation numbered its segments.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,24 +219,36 @@ def segments_from_prediction(semantic: np.ndarray, instance: np.ndarray) -> tupl
     return ids, segments
 
 
-def write_coco_panoptic(
-    predictions, category_ids, out_json: str | Path, out_dir: str | Path, gt_json: str | Path | None = None
-) -> Path:
-    """Write ``predictions`` — ``(image_id, file_name, semantic, instance)`` — as COCO panoptic PNGs in ``out_dir``
-    and their JSON at ``out_json`` (``category_ids[k - 1]`` is class k's id; categories and images copied from
-    ``gt_json`` when given). The JSON is written atomically: never half a file."""
+def encode_prediction(image_id: int, file_name: str, semantic: np.ndarray, instance: np.ndarray, category_ids):
+    """One prediction as COCO panoptic: ``(annotation, PNG bytes)``, small enough to gather across processes
+    (``category_ids[k - 1]`` is class k's id)."""
+    ids, segments = segments_from_prediction(semantic, instance)
+    png = io.BytesIO()
+    Image.fromarray(panoptic_rgb(ids)).save(png, format="PNG")
+    info = [{"id": s["id"], "category_id": int(category_ids[s["class"] - 1]), "area": s["area"]} for s in segments]
+    annotation = {"image_id": image_id, "file_name": Path(file_name).with_suffix(".png").name, "segments_info": info}
+    return annotation, png.getvalue()
+
+
+def write_encoded_panoptic(encoded, out_json: str | Path, out_dir: str | Path, gt_json: str | Path | None = None):
+    """Write :func:`encode_prediction`'s ``(annotation, PNG bytes)`` pairs: the PNGs in ``out_dir``, their JSON at
+    ``out_json`` (categories and images copied from ``gt_json`` when given), the JSON atomically: never half a file."""
     out_json, out_dir = Path(out_json), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    annotations = []
-    for image_id, file_name, semantic, instance in predictions:
-        ids, segments = segments_from_prediction(semantic, instance)
-        png = Path(file_name).with_suffix(".png").name
-        Image.fromarray(panoptic_rgb(ids)).save(out_dir / png)
-        info = [{"id": s["id"], "category_id": int(category_ids[s["class"] - 1]), "area": s["area"]} for s in segments]
-        annotations.append({"image_id": image_id, "file_name": png, "segments_info": info})
-    data = {"annotations": annotations}
+    for annotation, png in encoded:
+        (out_dir / annotation["file_name"]).write_bytes(png)
+    data = {"annotations": [annotation for annotation, _ in encoded]}
     if gt_json is not None:
         gt = _load_json(Path(gt_json))
         data.update(images=gt["images"], categories=gt["categories"])
     atomic_write_text(out_json, json.dumps(data))
     return out_json
+
+
+def write_coco_panoptic(
+    predictions, category_ids, out_json: str | Path, out_dir: str | Path, gt_json: str | Path | None = None
+) -> Path:
+    """Write ``predictions`` — ``(image_id, file_name, semantic, instance)`` — as COCO panoptic PNGs in ``out_dir``
+    and their JSON at ``out_json`` (see :func:`write_encoded_panoptic`)."""
+    encoded = [encode_prediction(*prediction, category_ids) for prediction in predictions]
+    return write_encoded_panoptic(encoded, out_json, out_dir, gt_json)

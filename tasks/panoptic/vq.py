@@ -47,11 +47,14 @@ class VectorQuantizer(nn.Module):
         return words / words.norm(dim=-1, keepdim=True)
 
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., dim) -> the index of the nearest codeword (squared L2) of each vector."""
-        words = self.codewords()
-        flat = x.detach().reshape(-1, self.dim).to(words.dtype)
-        distance = flat.square().sum(-1, keepdim=True) - 2 * flat @ words.T + words.square().sum(-1)
-        return distance.argmin(-1).view(x.shape[:-1])
+        """(..., dim) -> the index of the nearest codeword (squared L2) of each vector, always in float32: under
+        bf16 autocast the matmul would round the distances to 3 digits and pick near-ties at random, which makes
+        the codes of one map noisy (stage I's dictionary and stage II's targets alike)."""
+        with torch.autocast(x.device.type, enabled=False):
+            words = self.codewords().float()
+            flat = x.detach().reshape(-1, self.dim).float()
+            distance = flat.square().sum(-1, keepdim=True) - 2 * flat @ words.T + words.square().sum(-1)
+            return distance.argmin(-1).view(x.shape[:-1])
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices (...) -> codewords (..., dim), for stage II's predicted codes."""
