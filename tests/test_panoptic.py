@@ -529,7 +529,7 @@ def test_pq_under_data_parallel_splits_the_images_and_equals_one_process(panopti
     assert alone[8]["PQ"] == pytest.approx(100.0) and alone[16]["PQ"] < 100.0
     # spawn, not fork: a forked worker can hang in the OpenMP pool that the parent process has already used.
     mp.spawn(_sharded_pq, args=(2, tmp_path / "pg", panoptic_root, tmp_path / "r.pt"), nprocs=2)
-    ranks = [torch.load(tmp_path / f"r.pt.{rank}") for rank in range(2)]
+    ranks = [torch.load(tmp_path / f"r.pt.{rank}", weights_only=True) for rank in range(2)]
     # Three validation scenes: rank 0 predicts two, rank 1 one, at each of the two patch sizes.
     assert [r["seen"] for r in ranks] == [2 * 2, 1 * 2]
     for r in ranks:  # every process gets the main process's numbers, which are those of one process alone

@@ -187,7 +187,7 @@ def main(argv=None) -> list[dict]:
     ]
     write_csv(rows, out / "sweep.csv")
     write_markdown(rows, out / "sweep.md", title="Patch-size sweep", notes=notes, columns=columns, percent=percent)
-    plot_sweep(rows, out / "sweep.png", metric=metric, title="accuracy and cost per patch size")
+    plot_sweep(rows, out / "sweep.png", metric=metric, title=f"{metric} and cost per patch size")
     print(markdown_table(rows, columns=columns, percent=percent))
     print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
     return rows
