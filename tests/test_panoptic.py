@@ -488,24 +488,29 @@ def _erase_instance_one_at_patch_16(images, semantic, instance, patch):
     return semantic, instance
 
 
-def _sharded_pq(rank, world, init_file, root, out_file):
-    import torch.distributed as dist
-
+def _scenes_eval_set(root):
+    """The validation scenes at ``root`` as the PQ sweep's input (48 px, 8 instances)."""
     from tasks.panoptic.data import EvalSet, EvalTransform
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     json_path, png_dir, image_dir = split(root)
     dataset = read_coco_panoptic(json_path, png_dir, image_dir)
     dataset.transform = EvalTransform(48, (-1.0, 1.0), 8)
+    return EvalSet(dataset, json_path, png_dir)
+
+
+def _sharded_pq(rank, world, init_file, root, out_file):
+    import torch.distributed as dist
+
+    from tasks.panoptic.data import evaluate_pq
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     seen = []
 
     def predict(images, semantic, instance, patch):
         seen.append(len(images))
         return _erase_instance_one_at_patch_16(images, semantic, instance, patch)
 
-    from tasks.panoptic.data import evaluate_pq
-
-    results = evaluate_pq(predict, EvalSet(dataset, json_path, png_dir), [8, 16], torch.device("cpu"), batch_size=1)
+    results = evaluate_pq(predict, _scenes_eval_set(root), [8, 16], torch.device("cpu"), batch_size=1)
     torch.save({"results": results, "seen": sum(seen)}, f"{out_file}.{rank}")
     dist.destroy_process_group()
 
@@ -518,14 +523,9 @@ def test_pq_under_data_parallel_splits_the_images_and_equals_one_process(panopti
     )
     import torch.multiprocessing as mp
 
-    from tasks.panoptic.data import EvalSet, EvalTransform, evaluate_pq
+    from tasks.panoptic.data import evaluate_pq
 
-    json_path, png_dir, image_dir = split(panoptic_root)
-    dataset = read_coco_panoptic(json_path, png_dir, image_dir)
-    dataset.transform = EvalTransform(48, (-1.0, 1.0), 8)
-    alone = evaluate_pq(
-        _erase_instance_one_at_patch_16, EvalSet(dataset, json_path, png_dir), [8, 16], torch.device("cpu")
-    )
+    alone = evaluate_pq(_erase_instance_one_at_patch_16, _scenes_eval_set(panoptic_root), [8, 16], torch.device("cpu"))
     assert alone[8]["PQ"] == pytest.approx(100.0) and alone[16]["PQ"] < 100.0
     # spawn, not fork: a forked worker can hang in the OpenMP pool that the parent process has already used.
     mp.spawn(_sharded_pq, args=(2, tmp_path / "pg", panoptic_root, tmp_path / "r.pt"), nprocs=2)
