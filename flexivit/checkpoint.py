@@ -12,10 +12,12 @@ the weights onto other underlying sizes (the 32x32 / 7x7 of the distillation ini
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import pickle
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -127,11 +129,28 @@ def atomic_write(path: str | Path, write) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        out_of_space = _out_of_space(error)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if out_of_space:
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = "the previous file there is unchanged" if path.exists() else "nothing was written"
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device while writing {path} ({free:.0f} MiB free in {path.parent} after "
+                f"removing the partial file); {kept}",
+            ) from error
         raise
     _fsync(path.parent, directory=True)
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """A full disk, as Python reports it (ENOSPC / EDQUOT) or as torch.save does (a RuntimeError from its writer)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    message = str(error) if isinstance(error, RuntimeError) else ""
+    return "unexpected pos" in message or "file write failed" in message
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

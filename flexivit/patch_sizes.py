@@ -102,11 +102,20 @@ class CurriculumSampler:
         return f"CurriculumSampler({self.samplers})"
 
 
-def build_sampler(kind: str, *, sizes: Sequence[int] = PAPER_PATCH_SIZES, weights=None, seed: int = 0, stages=None):
+def build_sampler(kind: str, *, sizes: Sequence[int] | None = None, weights=None, seed: int = 0, stages=None):
     """A sampler from plain values, for configs: ``kind`` in fixed / uniform / weighted / curriculum.
 
-    ``curriculum`` takes ``stages=[(start_step, {"kind": ..., "sizes": ...}), ...]`` starting at step 0.
+    ``sizes`` defaults to the paper's set. ``curriculum`` takes ``stages=[(start_step, {"kind": ..., "sizes": ...}),
+    ...]`` starting at step 0; it draws from its stages, so a ``sizes`` given with it must be its last stage's sizes
+    (an override of ``sizes`` alone would otherwise be ignored). ``stages`` and ``weights`` given to a kind that
+    does not read them are refused for the same reason.
     """
+    if stages is not None and kind != "curriculum":
+        raise ValueError(f"stages are only read by a curriculum sampler, not by kind {kind!r}")
+    if weights is not None and kind != "weighted":
+        raise ValueError(f"weights are only read by a weighted sampler, not by kind {kind!r}")
+    if kind != "curriculum":
+        sizes = PAPER_PATCH_SIZES if sizes is None else sizes
     if kind == "fixed":
         if len(sizes) != 1:
             raise ValueError(f"a fixed sampler takes one patch size, got {list(sizes)}")
@@ -119,5 +128,10 @@ def build_sampler(kind: str, *, sizes: Sequence[int] = PAPER_PATCH_SIZES, weight
         if not stages or stages[0][0] != 0:
             raise ValueError(f"a curriculum needs stages [(0, spec), (step, spec), ...], got {stages}")
         samplers = [build_sampler(**{"seed": seed, **spec}) for _, spec in stages]
+        if sizes is not None and sorted(sizes) != sorted(samplers[-1].sizes):
+            raise ValueError(
+                f"sizes {list(sizes)} are not the curriculum's: it draws from its stages, the last one from "
+                f"{list(samplers[-1].sizes)}; change the stages instead"
+            )
         return CurriculumSampler(samplers, [start for start, _ in stages[1:]])
     raise ValueError(f"unknown sampler kind {kind!r}; use fixed, uniform, weighted or curriculum")

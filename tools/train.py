@@ -3,7 +3,12 @@
     python -m tools.train --config configs/classification/fashion_mnist.py --workdir runs/fmnist
     python -m tools.train --config configs/classification/fashion_mnist.py:runlocal --workdir /tmp/x
     python -m tools.train --workdir runs/fmnist --resume           # continue from the last checkpoint
+    python -m tools.train --config ... --workdir runs/fmnist --overwrite   # delete the run there, start anew
     torchrun --nproc_per_node 2 -m tools.train --config ... --workdir ...   # data parallel, same command
+
+The workdir holds one run (tasks/common/workdir.py): nothing is written into it until the config is valid and, on
+``--resume``, the checkpoint is loaded, so a failed start changes no file. Ctrl-C stops at the end of the current
+step, saves a checkpoint there and prints the command that resumes (a second Ctrl-C stops at once).
 
 One linear loop. The patch size of step ``s`` comes from ``sampler(s)`` with the sampler seeded by the config,
 so every rank uses the same size and a resumed run repeats the same sequence; the data order and the
@@ -18,7 +23,9 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +36,16 @@ from torch.nn.parallel import DistributedDataParallel
 import flexivit
 from flexivit.checkpoint import atomic_write_text, flexify_state_dict, load_state_dict
 from tasks.common import distributed
-from tasks.common.config import Config, apply_overrides, config_differences, load_config, save_config
+from tasks.common import workdir as run_dir
+from tasks.common.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    check_config,
+    config_differences,
+    load_config,
+    save_config,
+)
 from tasks.common.loader import train_loader
 from tasks.common.optim import build_optimizer, build_scheduler, freeze
 from tasks.common.train_state import latest_checkpoint, load_latest_train_state, resolve_checkpoint, save_train_state
@@ -43,25 +59,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True, help="where config, logs and checkpoints go")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete the run --workdir holds (checkpoints, logs, results) first"
+    )
     parser.add_argument("--interrupt-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
     return parser.parse_args(argv)
 
 
-def resolve_config(args) -> Config:
-    """The run's config: ``--config`` (or, resuming, the workdir's ``config.json``) with the ``--set`` overrides.
+def resolve_config(args, resume: bool) -> Config:
+    """The run's config: ``--config`` (or, resuming, the workdir's ``config.json``) with the ``--set`` overrides,
+    checked (:func:`check_config`) before anything is written.
 
     Resuming with a ``--config`` whose resolved values differ from the saved ones is refused, listing the differences,
     unless each differing key is one of the explicit ``--set`` overrides (e.g. more steps): a resumed run must not
     silently continue as another experiment.
     """
     saved_path = Path(args.workdir) / "config.json"
-    saved = Config(json.loads(saved_path.read_text())) if args.resume and saved_path.exists() else None
+    saved = None
+    if resume and saved_path.exists():
+        try:
+            saved = read_saved_config(saved_path)
+        except ConfigError as error:
+            if not args.config:
+                raise
+            print(f"warning: {error}: resuming with --config {args.config}", flush=True)
     if args.config:
         config = apply_overrides(load_config(args.config), args.set)
     elif saved is not None:
         config = apply_overrides(saved, args.set)
     else:
-        raise SystemExit("--config is required (or --resume with a workdir that holds config.json)")
+        raise ConfigError("--config is required (or --resume with a workdir that holds config.json)")
     if saved is not None:
         explicit = [item.partition("=")[0].strip() for item in args.set]
         differences = [
@@ -70,13 +97,27 @@ def resolve_config(args) -> Config:
             if not any(key == k or key.startswith(k + ".") for k in explicit)
         ]
         if differences:
-            raise SystemExit(
+            raise ConfigError(
                 f"--resume: the config differs from the one saved in {saved_path}:\n  "
                 + "\n  ".join(differences)
                 + "\nResume without --config to continue the saved run, change such keys explicitly with --set, or "
                 "start the new config in a new --workdir."
             )
+    check_config(config)
     return config
+
+
+def read_saved_config(path: Path) -> Config:
+    """A workdir's ``config.json``; an unreadable one is named, with the way out."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path} is not a readable JSON config ({error}); pass the run's --config again to resume with it"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds {type(saved).__name__}, not a config object")
+    return Config(saved)
 
 
 def build_teacher(distill, value_range, device) -> torch.nn.Module:
@@ -134,13 +175,14 @@ def accumulate_gradients(net, loss_fn, batch: list[torch.Tensor], accum: int, *,
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    config = resolve_config(args)
     workdir = Path(args.workdir)
+    # Read-only until the run starts below: a refused or failed start leaves the workdir as it was.
+    mode = run_dir.check_workdir(workdir, resume=args.resume, overwrite=args.overwrite, has_config=bool(args.config))
+    config = resolve_config(args, resume=mode == "resume")
     rank, _, device = distributed.init()
     world = distributed.world_size()
     main_process = distributed.is_main()
-    if main_process:
-        save_config(config, workdir / "config.json")
+    check_engine_settings(config, world, device)
     torch.manual_seed(config.seed + rank)
     task = importlib.import_module(f"tasks.{config.task}")
     train_cfg, optim_cfg, eval_cfg = config.train, config.optim, config.eval
@@ -164,11 +206,7 @@ def main(argv=None) -> dict:
         model.set_grad_checkpointing(True)
     model.to(device)
     sampler = flexivit.build_sampler(**{"seed": config.seed, **config.patch_sizes})
-    if train_cfg.consistency.weight:
-        check_patch_sizes(train_cfg.consistency.sizes, "train.consistency.sizes", config.data.image_size)
     eval_patches = [p if isinstance(p, int) else tuple(p) for p in eval_cfg.patch_sizes]
-    check_patch_sizes(sampler.sizes, "patch_sizes.sizes", config.data.image_size)
-    check_patch_sizes(eval_patches, "eval.patch_sizes", config.data.image_size)
 
     # ------------------------------------------------------------------------------------------ optimisation
     optimizer = build_optimizer(
@@ -188,24 +226,23 @@ def main(argv=None) -> dict:
         end_factor=optim_cfg.end_factor,
     )
     precision = train_cfg.precision
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a GPU (it uses a loss scaler); use bf16 or fp32 on CPU")
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
     accum = optim_cfg.accum_steps
-    if train_cfg.batch_size % (world * accum):
-        raise ValueError(
-            f"train.batch_size {train_cfg.batch_size} must divide into {world} process(es) x optim.accum_steps "
-            f"{accum} equal micro-batches"
-        )
     start_step = 0
-    if args.resume:
+    if mode == "resume":
         found = load_latest_train_state(workdir, model, optimizer, scheduler, scaler)
         if found is not None:
             found, start_step = found
             if main_process:
                 print(f"resumed from {found} at step {start_step}", flush=True)
+
+    # ------------------------------------------------------------------------------------------ the run starts
+    distributed.barrier()  # every rank has checked the workdir before the main process writes into it
+    if main_process:
+        run_dir.start(workdir, mode, start_step)  # --overwrite's deletion, leftover temp files, logs cut back
+        save_config(config, workdir / "config.json")
+    distributed.barrier()
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -225,7 +262,7 @@ def main(argv=None) -> dict:
         num_workers=config.data.num_workers,
         collate_fn=getattr(task, "collate", None),
     )
-    writer = MetricWriter(workdir, enabled=main_process)
+    writer = MetricWriter(workdir, enabled=main_process, start_step=start_step)
     if main_process:
         print(
             f"{config.task}: {len(train_set)} train / {len(val_set)} val examples; "
@@ -249,65 +286,76 @@ def main(argv=None) -> dict:
     progress = _progress(start_step, train_cfg.steps, main_process)
     batches = iter(loader)
     model.train()
-    t_last, results = time.perf_counter(), {}
-    for step in range(start_step, train_cfg.steps):
-        patch = sampler(step)  # the same on every rank: a function of (seed, step) only
-        # Cheap insurance for the paper's "one patch size per step on all ranks" (a no-op in one process).
-        distributed.check_same_across_ranks([step, *flexivit.pi_resize.to_2tuple(patch)], "the patch size")
-        batch = [t.to(device, non_blocking=True) for t in next(batches)]
-        torch.manual_seed(step_seed(config.seed, step, rank))
+    t_last, results, done = time.perf_counter(), {}, start_step
+    resume_command = f"python -m tools.train --workdir {workdir} --resume"
+    with _CtrlC(workdir, resume_command) as ctrl_c:
+        for step in range(start_step, train_cfg.steps):
+            patch = sampler(step)  # the same on every rank: a function of (seed, step) only
+            # Cheap insurance for the paper's "one patch size per step on all ranks" (a no-op in one process).
+            distributed.check_same_across_ranks([step, *flexivit.pi_resize.to_2tuple(patch)], "the patch size")
+            batch = [t.to(device, non_blocking=True) for t in next(batches)]
+            torch.manual_seed(step_seed(config.seed, step, rank))
 
-        def micro_loss(micro_batch, patch=patch, step=step):
-            return task.train_loss(net, micro_batch, patch, step=step, config=config, teacher=teacher)
+            def micro_loss(micro_batch, patch=patch, step=step):
+                return task.train_loss(net, micro_batch, patch, step=step, config=config, teacher=teacher)
 
-        step_loss, terms = accumulate_gradients(
-            net, micro_loss, batch, accum, autocast=lambda: _autocast(device, autocast_dtype), scaler=scaler
-        )
-        reduced = distributed.all_reduce_sum(torch.stack([step_loss.float(), *terms.values()])) / world  # one call
-        mean_loss, terms = reduced[0], dict(zip(terms, reduced[1:], strict=True))
-        if not torch.isfinite(mean_loss):
-            last = latest_checkpoint(workdir)
-            raise FloatingPointError(
-                f"non-finite loss {mean_loss.item()} at step {step} (patch size {patch}); stopped before updating "
-                f"the weights. Last good checkpoint: {last or 'none yet'}"
+            step_loss, terms = accumulate_gradients(
+                net, micro_loss, batch, accum, autocast=lambda: _autocast(device, autocast_dtype), scaler=scaler
             )
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], optim_cfg.clip_norm or float("inf")
-        )
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-
-        done = step + 1
-        if main_process and (done % train_cfg.log_every == 0 or done == train_cfg.steps):
-            now = time.perf_counter()
-            writer.write(
-                done,
-                {
-                    "train/loss": mean_loss.item(),
-                    **{f"train/{k}": v.item() for k, v in terms.items()},
-                    "train/patch_size": _name(patch),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm.item(),
-                    "train/steps_per_s": train_cfg.log_every / max(now - t_last, 1e-9),
-                },
+            # One call for the loss, its terms and whether any rank got Ctrl-C (so every rank stops after this step).
+            stop_flag = torch.tensor(float(ctrl_c.requested), device=step_loss.device)
+            reduced = distributed.all_reduce_sum(torch.stack([step_loss.float(), *terms.values(), stop_flag])) / world
+            mean_loss, terms = reduced[0], dict(zip(terms, reduced[1:-1], strict=True))
+            if not torch.isfinite(mean_loss):
+                last = latest_checkpoint(workdir)
+                raise FloatingPointError(
+                    f"non-finite loss {mean_loss.item()} at step {step} (patch size {patch}); stopped before updating "
+                    f"the weights. Last good checkpoint: {last or 'none yet'}"
+                )
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], optim_cfg.clip_norm or float("inf")
             )
-            t_last = now
-        if main_process:
-            writer.record_patch(done, patch)
-            progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss.item():.3f}", p=_name(patch), refresh=False)
-        if eval_cfg.every and done % eval_cfg.every == 0 and done != train_cfg.steps:
-            run_eval(done)
-        if done % train_cfg.ckpt_every == 0 or done == train_cfg.steps:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            done = step + 1
+            if main_process and (done % train_cfg.log_every == 0 or done == train_cfg.steps):
+                now = time.perf_counter()
+                writer.write(
+                    done,
+                    {
+                        "train/loss": mean_loss.item(),
+                        **{f"train/{k}": v.item() for k, v in terms.items()},
+                        "train/patch_size": _name(patch),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/grad_norm": grad_norm.item(),
+                        "train/steps_per_s": train_cfg.log_every / max(now - t_last, 1e-9),
+                    },
+                )
+                t_last = now
             if main_process:
-                save_train_state(workdir, done, model, optimizer, scheduler, scaler, config, keep=train_cfg.keep_ckpts)
-            distributed.barrier()
-        if args.interrupt_after is not None and done == args.interrupt_after:
-            writer.close()
-            raise SystemExit(f"interrupted after step {done} (--interrupt-after)")
+                writer.record_patch(done, patch)
+                progress.update(1)
+                progress.set_postfix(loss=f"{mean_loss.item():.3f}", p=_name(patch), refresh=False)
+            if eval_cfg.every and done % eval_cfg.every == 0 and done != train_cfg.steps:
+                run_eval(done)
+            stop = reduced[-1].item() > 0
+            if done % train_cfg.ckpt_every == 0 or done == train_cfg.steps or stop:
+                if main_process:
+                    save_train_state(
+                        workdir, done, model, optimizer, scheduler, scaler, config, keep=train_cfg.keep_ckpts
+                    )
+                distributed.barrier()
+            if stop:
+                writer.close()
+                progress.close()
+                ctrl_c.stopped(done, train_cfg.steps)
+            if args.interrupt_after is not None and done == args.interrupt_after:
+                writer.close()
+                raise SystemExit(f"interrupted after step {done} (--interrupt-after)")
 
     # ------------------------------------------------------------------------------------------ final evaluation
     progress.close()
@@ -325,15 +373,48 @@ def main(argv=None) -> dict:
     return results
 
 
-def check_patch_sizes(sizes, key: str, image_size) -> None:
-    """Every patch size must fit the image (a border that does not tile is dropped, a larger patch is an error)."""
-    image = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    for patch in sizes:
-        ph, pw = flexivit.pi_resize.to_2tuple(patch, key)
-        if ph > image[0] or pw > image[1]:
-            raise ValueError(
-                f"{key}: patch size {patch} does not fit the {image[0]}x{image[1]} images (data.image_size)"
-            )
+def check_engine_settings(config: Config, world: int, device: torch.device) -> None:
+    """What the config asks of this machine and process group, checked before the first write."""
+    if config.train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU (it uses a loss scaler); use bf16 or fp32 on CPU")
+    if config.train.batch_size % (world * config.optim.accum_steps):
+        raise ConfigError(
+            f"train.batch_size {config.train.batch_size} must divide into {world} process(es) x optim.accum_steps "
+            f"{config.optim.accum_steps} equal micro-batches"
+        )
+
+
+class _CtrlC:
+    """Ctrl-C ends training at the end of the current step, with a checkpoint there and the command that resumes;
+    a second Ctrl-C stops at once (the last checkpoint is then the previous one). Only the main thread can handle
+    signals, so elsewhere (a library caller's thread) Ctrl-C keeps Python's default."""
+
+    def __init__(self, workdir: Path, resume_command: str):
+        self.workdir, self.resume_command, self.requested, self._previous = workdir, resume_command, False, None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once)", flush=True)
+
+    def stopped(self, step: int, steps: int) -> None:
+        self._exit(f"stopped by Ctrl-C after step {step} of {steps}; checkpoint {latest_checkpoint(self.workdir)}")
+
+    def _exit(self, what: str) -> None:
+        print(f"{what}. Resume with: {self.resume_command}", file=sys.stderr, flush=True)
+        raise SystemExit(130)  # the shell's code for a process ended by SIGINT
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if kind is KeyboardInterrupt:
+            self._exit(f"stopped at once by a second Ctrl-C; last checkpoint {latest_checkpoint(self.workdir)}")
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -366,5 +447,19 @@ def _progress(start: int, total: int, enabled: bool):
     )
 
 
+def cli(argv=None) -> None:
+    """``main`` for the command line: a mistake in the command, the config or the data ends with one line naming the
+    culprit (exit 2 for the command and the config, 1 otherwise); FLEXIVIT_TRACEBACK=1 shows the traceback."""
+    try:
+        main(argv)
+    except Exception as error:
+        if os.environ.get("FLEXIVIT_TRACEBACK") or not isinstance(error, ValueError | OSError | LookupError):
+            raise
+        usage = isinstance(error, ConfigError | run_dir.WorkdirError)
+        message = str(error) if not isinstance(error, KeyError) else str(error.args[0])
+        print(f"tools.train: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2 if usage else 1) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

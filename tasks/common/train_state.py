@@ -61,12 +61,42 @@ def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config,
     return path
 
 
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose weights do not fit the model (another architecture): not a damaged file."""
+
+
+def state_dict_mismatch(expected: dict, found: dict, limit: int = 8) -> list[str]:
+    """What keeps ``found`` (a file's state dict) from loading into a model whose state dict is ``expected``: one
+    line per missing, unexpected or differently shaped tensor (the first ``limit`` of each kind, then a count)."""
+    shape = {k: tuple(v.shape) for k, v in found.items() if hasattr(v, "shape")}
+    kinds = {
+        "missing from the file": [k for k in expected if k not in found],
+        "not in the model": [k for k in found if k not in expected],
+        "of another shape": [
+            f"{k}: file {shape[k]} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in shape and shape[k] != tuple(v.shape)
+        ],
+    }
+    return [
+        f"{kind}: {', '.join(items[:limit])}" + (f" and {len(items) - limit} more" if len(items) > limit else "")
+        for kind, items in kinds.items()
+        if items
+    ]
+
+
 def load_train_state(path, model, optimizer, scheduler, scaler) -> int:
     """Restore everything saved by :func:`save_train_state`; returns the step to continue from."""
     state = torch_load(path)
     missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "step") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (it lacks {missing})")
+    problems = state_dict_mismatch(model.state_dict(), state["model"])
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path} holds another model than the config builds (was model.* changed with --set?):\n  "
+            + "\n  ".join(problems)
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

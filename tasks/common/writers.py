@@ -1,4 +1,8 @@
-"""Training logs: JSON lines (one object per logged step) and TensorBoard, written by the main process only."""
+"""Training logs: JSON lines (one object per logged step) and TensorBoard, written by the main process only.
+
+Every record is flushed as it is written, so a killed run loses nothing it logged; a resumed run first cuts the logs
+back to its checkpoint (tasks/common/workdir.py), so every step appears once.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 class MetricWriter:
     """``log.jsonl`` plus TensorBoard events under ``tb/``; ``patch_sizes.jsonl`` records the size of every step."""
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
@@ -19,7 +23,8 @@ class MetricWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tb"))
+            # purge_step hides the events a killed run wrote after the checkpoint this run resumed from.
+            self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None)
         except ImportError:  # tensorboard is optional for library users
             self._tb = None
 
@@ -36,6 +41,7 @@ class MetricWriter:
     def record_patch(self, step: int, patch) -> None:
         if self.enabled:
             self._patches.write(json.dumps({"step": step, "patch_size": patch}) + "\n")
+            self._patches.flush()
 
     def close(self) -> None:
         if self.enabled:
