@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import flexivit
 from tasks.common import distributed
-from tasks.common.datasets import build_dataset, class_subset, take
+from tasks.common.datasets import build_dataset, class_subset, require_examples, take
 from tasks.common.loader import JointTransform, eval_loader
 from tasks.common.losses import consistency_loss, distillation_loss, mix, mixed_cross_entropy, mixup_ratio
 from tasks.common.train_state import resolve_checkpoint
@@ -58,6 +58,9 @@ def build_datasets(data, distill=None) -> tuple:
         train = take(train, data.train_examples, seed=0)
     if data.val_examples:
         val = take(val, data.val_examples, seed=0)
+    subset = f" with data.classes={list(data.classes)}" if data.classes else ""
+    require_examples(train, f"data.train_split={data.train_split!r} of {data.name}{subset}")
+    require_examples(val, f"data.val_split={data.val_split!r} of {data.name}{subset}")
     return train, train_tf, val, list(train.classes)
 
 

@@ -28,13 +28,15 @@ import torch.nn.functional as F
 
 from flexivit import analysis
 from flexivit.checkpoint import atomic_write_text
-from tasks.common.config import apply_overrides
 from tasks.common.deployment import backbone_of
+from tasks.common.images import ImageError, open_image
 from tasks.common.profiling import count_gflops_fn
 from tasks.common.reporting import markdown_table, write_csv
-from tools.eval import load_task_model, workdir_source
+from tools.arguments import int_at_least, positive_int
+from tools.eval import check_patch_sizes, load_task_model, workdir_source
 
 WHAT = ("cka", "attention", "similarity", "ensemble")
+CKA_MIN_BATCH = 4  # the unbiased HSIC estimator of minibatch CKA needs 4 examples per batch (flexivit.analysis)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,14 +45,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="a config file to use instead of the workdir's config.json")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--what", nargs="+", choices=WHAT, default=list(WHAT))
-    parser.add_argument("--patch-sizes", nargs="+", type=int, help="default: the config's eval.patch_sizes")
+    parser.add_argument("--patch-sizes", nargs="+", type=positive_int, help="default: the config's eval.patch_sizes")
     parser.add_argument("--images", nargs="+", help="image files for attention (default: validation images)")
-    parser.add_argument("--num-images", type=int, default=512, help="validation images for CKA and similarity")
-    parser.add_argument("--batch", type=int, default=64, help="CKA minibatch size (at least 4)")
+    cka_minimum = int_at_least(CKA_MIN_BATCH, f"minibatch CKA needs batches of at least {CKA_MIN_BATCH} images")
+    parser.add_argument("--num-images", type=positive_int, default=512, help="validation images for CKA and similarity")
+    parser.add_argument("--batch", type=cka_minimum, default=64, help=f"CKA minibatch size (at least {CKA_MIN_BATCH})")
     parser.add_argument("--block", type=int, default=-1, help="similarity: the block (-1: after the final norm)")
-    parser.add_argument("--max-ensemble", type=int, default=3, help="ensembles of up to this many patch sizes")
+    parser.add_argument("--max-ensemble", type=positive_int, default=3, help="ensembles of up to this many sizes")
     parser.add_argument("--out", help="output folder (default: <workdir>/analysis)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if "cka" in args.what and args.num_images < CKA_MIN_BATCH:
+        parser.error(f"--num-images {args.num_images}: minibatch CKA needs at least {CKA_MIN_BATCH} images")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -78,12 +84,14 @@ def validation_images(val_set, n: int, image_size: int) -> torch.Tensor:
 
 
 def file_images(paths, config) -> tuple[torch.Tensor, list[str]]:
-    from PIL import Image
-
     from tasks.common.transforms import data_eval_transform
 
     transform = data_eval_transform(config.data, crop_ratio=1.0)  # the whole image, squashed to a square
-    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]), [Path(p).name for p in paths]
+    try:
+        images = [transform(open_image(p)) for p in paths]
+    except ImageError as e:
+        raise SystemExit(f"--images: {e}") from e
+    return torch.stack(images), [Path(p).name for p in paths]
 
 
 def _display(image: torch.Tensor) -> np.ndarray:
@@ -265,17 +273,24 @@ def run_ensemble(model, val_set, patch_sizes, max_size: int, out: Path) -> list[
 def main(argv=None) -> Path:
     args = parse_args(argv)
     torch.manual_seed(0)
-    config, checkpoint = workdir_source(args.workdir, args.config)
-    config = apply_overrides(config, args.set)
+    config, checkpoint = workdir_source(args.workdir, args.config, args.set)
     task = importlib.import_module(f"tasks.{config.task}")
+    size = config.data.image_size
+    # The analyses run the backbone itself, which drops the border the patches do not tile (no task padding).
+    given = "--patch-sizes" if args.patch_sizes else "the config's eval.patch_sizes"
+    patch_sizes = check_patch_sizes(args.patch_sizes or config.eval.patch_sizes, size, given)
+    if "cka" in args.what and len(patch_sizes) < 2:
+        raise SystemExit(f"--what cka compares patch sizes: give at least two, not {patch_sizes}")
     _, _, val_set, info = task.build_datasets(config.data)
     model = backbone_of(load_task_model(task, config, info, checkpoint)).eval()
-    patch_sizes = list(args.patch_sizes or config.eval.patch_sizes)
+    if not -1 <= args.block < model.depth:
+        raise SystemExit(f"--block {args.block}: the model has blocks 0..{model.depth - 1} (-1: after the final norm)")
     out = Path(args.out) if args.out else Path(args.workdir) / "analysis"
-    size = config.data.image_size
     sections = [f"# Analysis of {Path(args.workdir).name} ({config.task}, patch sizes {patch_sizes})", ""]
     needs_val = {"cka", "similarity"} & set(args.what) or ("attention" in args.what and not args.images)
     images = validation_images(val_set, args.num_images, size) if needs_val else None
+    if "cka" in args.what and len(images) < CKA_MIN_BATCH:
+        raise SystemExit(f"minibatch CKA needs at least {CKA_MIN_BATCH} images; the validation set has {len(images)}")
     for what in args.what:
         print(f"analysis: {what} ...", flush=True)
         if what == "cka":

@@ -23,11 +23,19 @@ from pathlib import Path
 import torch
 
 from flexivit.checkpoint import atomic_write_text
-from tasks.common.config import apply_overrides
 from tasks.common.deployment import PRECISIONS, BudgetError, autocast, autocast_dtype, backbone_of, choose, pareto_front
 from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
 from tasks.common.reporting import markdown_table, write_csv
-from tools.eval import DESCRIPTIVE, image_forward, load_task_model, primary_metric, task_token_grid, workdir_source
+from tools.arguments import finite_float, positive_float, positive_int
+from tools.eval import (
+    DESCRIPTIVE,
+    check_patch_sizes,
+    image_forward,
+    load_task_model,
+    primary_metric,
+    task_token_grid,
+    workdir_source,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,15 +45,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (CPU: bf16)")
-    parser.add_argument("--batch", type=int, default=1, help="images per call whose latency is measured")
-    parser.add_argument("--patch-sizes", nargs="+", type=int, help="default: the config's eval.patch_sizes")
+    parser.add_argument("--batch", type=positive_int, default=1, help="images per call whose latency is measured")
+    parser.add_argument("--patch-sizes", nargs="+", type=positive_int, help="default: the config's eval.patch_sizes")
     budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget-ms", type=float, help="the best metric with latency at most this (ms per batch)")
-    budget.add_argument("--budget-gflops", type=float, help="the best metric with at most this many GFLOPs per image")
-    budget.add_argument("--min-metric", type=float, help="the fastest size whose metric reaches this (CSV units)")
+    budget.add_argument(
+        "--budget-ms", type=positive_float, help="the best metric with latency at most this (ms per batch)"
+    )
+    budget.add_argument(
+        "--budget-gflops", type=positive_float, help="the best metric with at most this many GFLOPs per image"
+    )
+    budget.add_argument(
+        "--min-metric", type=finite_float, help="the fastest size whose metric reaches this (CSV units)"
+    )
     parser.add_argument("--metric", help="the metric to judge by (default: accuracy, else the task's first)")
     parser.add_argument("--sweep-csv", help="read the metrics from this tools.eval sweep.csv instead of computing them")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per patch size (the median is reported)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=10, help="timed calls per patch size (the median is reported)"
+    )
     parser.add_argument("--out", help="output folder (default: <workdir>/deploy)")
     return parser.parse_args(argv)
 
@@ -149,20 +165,25 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is available here")
-    config, checkpoint = workdir_source(args.workdir, args.config)
-    config = apply_overrides(config, args.set)
+    config, checkpoint = workdir_source(args.workdir, args.config, args.set)
     task = importlib.import_module(f"tasks.{config.task}")
-    _, _, val_set, info = task.build_datasets(config.data)
-    model = load_task_model(task, config, info, checkpoint).to(device).eval()
-    patch_sizes = list(args.patch_sizes or config.eval.patch_sizes)
+    given = "--patch-sizes" if args.patch_sizes else "the config's eval.patch_sizes"
+    patch_sizes = check_patch_sizes(
+        args.patch_sizes or config.eval.patch_sizes, config.data.image_size, given, task_token_grid(task)
+    )
     if any(not isinstance(p, int) for p in patch_sizes):
         raise SystemExit(f"tools.deploy takes square patch sizes; got {patch_sizes}")
+    _, _, val_set, info = task.build_datasets(config.data)
+    model = load_task_model(task, config, info, checkpoint).to(device).eval()
 
     rows = measure(task, model, config, patch_sizes, device,
                    precision=args.precision, batch=args.batch, repeats=args.repeats)  # fmt: skip
     dtype = autocast_dtype(args.precision, device)
     if args.sweep_csv:
-        metrics = read_sweep_metrics(args.sweep_csv, patch_sizes)
+        try:
+            metrics = read_sweep_metrics(args.sweep_csv, patch_sizes)
+        except (OSError, ValueError, KeyError) as error:  # missing, another model's, or not a tools.eval sweep
+            raise SystemExit(f"--sweep-csv: {error}") from None
         source = f"read from {args.sweep_csv}"
     else:
         print(f"evaluating {config.task} at patch sizes {patch_sizes} ...", flush=True)
@@ -177,6 +198,8 @@ def main(argv=None) -> dict:
     for row in rows:
         row.update(metrics[row["patch_size"]])
     metric = args.metric or primary_metric({k: v for k, v in rows[0].items() if k not in ("device", "batch")})
+    if metric is None:
+        raise SystemExit("the task computed no metric to judge by (does its config give validation data?)")
     if metric not in rows[0]:
         raise SystemExit(f"--metric {metric!r} is not among the metrics {sorted(metrics[patch_sizes[0]])}")
     if args.min_metric is not None and args.min_metric > 1 and all(abs(r[metric]) <= 1 for r in rows):

@@ -26,10 +26,10 @@ import torch
 
 import flexivit
 from flexivit.checkpoint import atomic_write, atomic_write_text
-from tasks.common.config import apply_overrides
 from tasks.common.deployment import backbone_of
-from tasks.common.export import FixedSizeModel, example_input, export_onnx, export_program, load_program
-from tools.eval import load_task_model, workdir_source
+from tasks.common.export import EXPORTABLE, FixedSizeModel, example_input, export_onnx, export_program, load_program
+from tools.arguments import non_negative_float, positive_int
+from tools.eval import check_patch_sizes, load_task_model, task_token_grid, workdir_source
 
 FORMATS = ("timm", "onnx", "torch-export")
 TIMM_NAME = "vit_base_patch16_224"  # any timm ViT name: the exported arguments set every shape
@@ -42,12 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="a config file to use instead of the workdir's config.json")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
-    parser.add_argument("--patch-size", type=int, required=True)
-    parser.add_argument("--image-size", type=int, help="the deployment image size (default: the config's)")
+    parser.add_argument("--patch-size", type=positive_int, required=True)
+    parser.add_argument("--image-size", type=positive_int, help="the deployment image size (default: the config's)")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="the file to write")
-    parser.add_argument("--atol", type=float, default=1e-4, help="the largest difference the check accepts")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", required=True, help="the file to write (replaced if it exists)")
+    parser.add_argument(
+        "--atol", type=non_negative_float, default=1e-4, help="the largest difference the check accepts"
+    )
+    args = parser.parse_args(argv)
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'model.onnx'}")
+    return args
 
 
 def export_timm(backbone: flexivit.FlexiViT, patch: int, image_size: int, out: Path, atol: float) -> float:
@@ -97,15 +102,17 @@ def _check(diff: float, atol: float, what: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    config, checkpoint = workdir_source(args.workdir, args.config)
-    config = apply_overrides(config, args.set)
+    config, checkpoint = workdir_source(args.workdir, args.config, args.set)
     task_name = config.task
     task = importlib.import_module(f"tasks.{task_name}")
-    _, _, _, info = task.build_datasets(config.data)
-    model = load_task_model(task, config, info, checkpoint).eval()
     size = args.image_size or config.data.image_size
     if not isinstance(size, int):
         raise SystemExit(f"tools.export takes a square image size; the config has {size} (give --image-size)")
+    check_patch_sizes([args.patch_size], size, "--patch-size", task_token_grid(task))
+    if args.format != "timm" and task_name not in EXPORTABLE:
+        raise SystemExit(f"--format {args.format} exports {', '.join(EXPORTABLE)} models, not {task_name}")
+    _, _, _, info = task.build_datasets(config.data)
+    model = load_task_model(task, config, info, checkpoint).eval()
     out = Path(args.out)
     if args.format == "timm":
         backbone = backbone_of(model)

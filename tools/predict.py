@@ -8,7 +8,8 @@
 Classification prints the top-k classes with their probabilities; segmentation writes a colour PNG mask per image
 (same size as the image) and ``legend.png`` with the classes' colours; the contrastive model prints the queries
 that match each image best (cosine similarity; default queries: its zero-shot class prompts). Folders are read in
-sorted order (their image files); an image that cannot be read is named and skipped, and counted at the end.
+sorted order (their image files); an image that cannot be read (not an image, truncated, or a decompression bomb)
+is named and skipped, and counted at the end. Exit status 1 when no input could be predicted.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.common.config import apply_overrides
 from tasks.common.deployment import PRECISIONS, BudgetError, autocast, autocast_dtype, choose
-from tools.eval import load_task_model, workdir_source
+from tasks.common.images import ImageError, open_image
+from tools.arguments import positive_float, positive_int
+from tools.eval import check_patch_sizes, load_task_model, task_token_grid, workdir_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -37,19 +39,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="a config file to use instead of the workdir's config.json")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--patch-size", type=int)
-    size.add_argument("--budget-ms", type=float, help="the patch size tools.deploy measured as best within this")
-    parser.add_argument("--topk", type=int, default=3)
+    size.add_argument("--patch-size", type=positive_int)
+    size.add_argument(
+        "--budget-ms", type=positive_float, help="the patch size tools.deploy measured as best within this"
+    )
+    parser.add_argument("--topk", type=positive_int, default=3)
     parser.add_argument("--queries", nargs="+", help="contrastive: the texts to match (default: class prompts)")
     parser.add_argument("--out", help="segmentation: the folder for the masks (default: <workdir>/predictions)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=positive_int, default=16)
     return parser.parse_args(argv)
 
 
 def list_images(inputs) -> list[Path]:
-    """Files as given; folders expanded to their image files in sorted order. A missing path is an error."""
+    """Files as given; folders expanded to their image files in sorted order. A missing path, or no file at all, is
+    an error."""
     files = []
     for name in inputs:
         path = Path(name)
@@ -59,14 +64,9 @@ def list_images(inputs) -> list[Path]:
             files.append(path)
         else:
             raise SystemExit(f"{path}: no such file or folder")
+    if not files:
+        raise SystemExit(f"no image files in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
-
-
-def read_image(path: Path) -> Image.Image:
-    """The decoded RGB image; raises ``OSError`` / ``ValueError`` for a corrupt or unreadable file."""
-    with Image.open(path) as image:
-        image.load()  # decode now: a truncated file fails here, not later in a transform
-        return image.convert("RGB")
 
 
 def budget_patch_size(workdir: Path, budget_ms: float) -> int:
@@ -74,9 +74,13 @@ def budget_patch_size(workdir: Path, budget_ms: float) -> int:
     path = Path(workdir) / "deploy" / "choice.json"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run `python -m tools.deploy --workdir {workdir} --budget-ms ...` first")
-    choice = json.loads(path.read_text())
     try:
-        row = choose(choice["rows"], choice["metric"], budget_ms=budget_ms)
+        choice = json.loads(path.read_bytes())
+        rows, metric = choice["rows"], choice["metric"]
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not what tools.deploy writes
+        raise SystemExit(f"{path} is damaged ({error!r}): run tools.deploy again") from None
+    try:
+        row = choose(rows, metric, budget_ms=budget_ms)
     except BudgetError as error:
         raise SystemExit(f"{path}: {error}") from None
     device, batch = row["device"], row["batch"]
@@ -182,33 +186,35 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from tqdm import tqdm
 
+    files = list_images(args.inputs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = autocast_dtype(args.precision, device)
-    config, checkpoint = workdir_source(args.workdir, args.config)
-    config = apply_overrides(config, args.set)
+    config, checkpoint = workdir_source(args.workdir, args.config, args.set)
     task = importlib.import_module(f"tasks.{config.task}")
+    patch = args.patch_size if args.patch_size is not None else budget_patch_size(Path(args.workdir), args.budget_ms)
+    check_patch_sizes([patch], config.data.image_size, "--patch-size", task_token_grid(task))
     _, _, _, info = task.build_datasets(config.data)
     model = load_task_model(task, config, info, checkpoint).to(device).eval()
-    patch = args.patch_size if args.patch_size is not None else budget_patch_size(Path(args.workdir), args.budget_ms)
     predictor = Predictor(config.task, model, config, info, patch, device, dtype, args)
 
-    files = list_images(args.inputs)
     results, skipped = {}, []
     bar = tqdm(total=len(files), desc=f"predicting at patch {patch}", unit="img", disable=len(files) < 2)
     for start in range(0, len(files), args.batch):
         paths, images = [], []
         for path in files[start : start + args.batch]:
             try:
-                images.append(read_image(path))
+                images.append(open_image(path))
                 paths.append(path)
-            except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for corrupt / unknown files
+            except ImageError as error:
                 skipped.append(str(path))
-                tqdm.write(f"skipped {path}: cannot read it as an image ({type(error).__name__}: {error})")
+                tqdm.write(f"skipped: {error}")
         for path, line in zip(paths, predictor(paths, images) if paths else [], strict=True):
             results[str(path)] = line
             tqdm.write(f"{path}: {line}")
         bar.update(len(files[start : start + args.batch]))
     bar.close()
+    if not results:  # a run that predicted nothing must not look like success
+        raise SystemExit(f"none of the {len(files)} input image(s) could be read: nothing was predicted")
     if config.task == "segmentation":
         legend = write_legend(predictor.classes, predictor.palette, predictor.out / "legend.png")
         print(f"masks in {predictor.out}, colours in {legend}")

@@ -20,6 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from .images import open_image
+
 Transform = Callable[[Any], Any] | None
 Builder = Callable[[str, str | None, Transform, bool], Dataset]
 
@@ -79,6 +81,7 @@ def build_dataset(
         raise KeyError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     base, bounds = parse_split(split)
     dataset = DATASETS[name](base, root, transform, download)
+    check_labels(dataset, f"{name} split {base!r}", num_classes=_INFO[name]["num_classes"])
     if bounds is None:
         return dataset
     start, stop = (_slice_bound(b, len(dataset)) for b in bounds)
@@ -111,6 +114,36 @@ def _slice_bound(bound: str | None, size: int) -> int | None:
             raise ValueError(f"split bound {bound} is not a percentage between -100% and 100%")
         value = round(size * value / 100)
     return min(max(value + size if value < 0 else value, 0), size)
+
+
+def check_labels(dataset: Dataset, source: str, num_classes: int | None = None) -> None:
+    """Refuse labels outside ``[0, number of classes)``, naming the first bad example, its label and the class count.
+
+    Checked once, on the whole label array, when the dataset is built: a bad label would otherwise surface mid-run
+    as an index error in the loss. Datasets that keep no label array are not checked (reading their labels would
+    decode every image). The class count is ``num_classes`` (the registry's), else ``len(dataset.classes)``:
+    torchvision derives ``classes`` of some datasets from the annotations found, not from the label space.
+    """
+    labels = _label_array(dataset)
+    classes = getattr(dataset, "classes", None)
+    n = num_classes if num_classes is not None else None if classes is None else len(classes)
+    if labels is None or n is None:
+        return
+    bad = np.flatnonzero((labels < 0) | (labels >= n))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{source}: example {i} has label {labels[i]}, outside the {n} classes [0, {n}) "
+            f"({bad.size} of {len(labels)} labels are out of range)"
+        )
+
+
+def require_examples(dataset: Dataset, what: str) -> Dataset:
+    """``dataset``, or an error naming ``what`` when it is empty (an empty validation set gives NaN metrics and
+    exit status 0, which looks like success)."""
+    if len(dataset) == 0:
+        raise ValueError(f"{what} has no examples")
+    return dataset
 
 
 def dataset_info(name: str) -> dict[str, Any]:
@@ -265,15 +298,6 @@ def mnist5k(split: str, root: str | None, transform: Transform, download: bool) 
 # torchvision datasets: never downloaded unless asked, with a clear error when the files are missing.
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image file as RGB; an unreadable file raises ValueError naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # convert() forces the decode, so a corrupt file fails here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
 def _register_torchvision(
     name: str,
     cls: type[Dataset],
@@ -368,7 +392,7 @@ _register_torchvision(
     splits={s: {"split": s} for s in ("train", "val", "test")},  # 1,020 / 1,020 / 6,149
     channels=3,
     num_classes=102,
-    loader=load_image,
+    loader=open_image,
 )
 _register_torchvision(
     "food101",
@@ -378,7 +402,7 @@ _register_torchvision(
     splits={s: {"split": s} for s in ("train", "test")},  # 75,750 / 25,250
     channels=3,
     num_classes=101,
-    loader=load_image,
+    loader=open_image,
 )
 _register_torchvision(
     "sun397",
@@ -389,7 +413,7 @@ _register_torchvision(
     splits={"all": {}},  # 108,753
     channels=3,
     num_classes=397,
-    loader=load_image,
+    loader=open_image,
 )
 
 
@@ -403,21 +427,29 @@ def imagefolder(split: str, root: str | None, transform: Transform, download: bo
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"imagefolder split folder {path} not found; expected {path}/<class>/<image>")
-    return tvd.ImageFolder(path, transform=transform, loader=load_image)
+    return tvd.ImageFolder(path, transform=transform, loader=open_image)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Subsets for experiments.
 
 
-def _targets(dataset: Dataset) -> np.ndarray:
-    """All labels of ``dataset``, read without decoding images where the dataset allows it."""
+def _label_array(dataset: Dataset) -> np.ndarray | None:
+    """The labels ``dataset`` keeps as an array (None if it keeps none)."""
     for attribute in ("targets", "_labels"):  # torchvision keeps labels in one of these
         labels = getattr(dataset, attribute, None)
         if labels is not None:
             if isinstance(labels, torch.Tensor):
                 labels = labels.numpy()
             return np.asarray(labels, dtype=np.int64)
+    return None
+
+
+def _targets(dataset: Dataset) -> np.ndarray:
+    """All labels of ``dataset``, read without decoding images where the dataset allows it."""
+    labels = _label_array(dataset)
+    if labels is not None:
+        return labels
     # Fallback: decodes every item, so it is slow; fine for small custom datasets.
     return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 

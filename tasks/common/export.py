@@ -39,6 +39,8 @@ class FixedSizeModel(nn.Module):
         self.task_name = task_name
         self.patch_size = to_2tuple(patch_size, "patch_size")
         self.image_size = to_2tuple(image_size, "image_size")
+        if 0 in self._backbone_size():  # not one whole patch: the fixed backbone would see an empty image
+            raise ValueError(f"patch size {self.patch_size} is larger than the image size {self.image_size}")
         self.model = _fix_backbones(copy.deepcopy(model), self.patch_size, self._backbone_size())
         self.eval()  # an inference graph: no dropout, no stochastic depth
 

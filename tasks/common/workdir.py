@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from flexivit.checkpoint import atomic_write_text
+from tasks.common.config import Config, ConfigError
 from tasks.common.train_state import checkpoints
 
 RUN_FILES = ("config.json", "log.jsonl", "patch_sizes.jsonl", "eval.json")
@@ -28,6 +29,20 @@ LOGS = ("log.jsonl", "patch_sizes.jsonl")  # one record per step, cut back to th
 
 class WorkdirError(ValueError):
     """A workdir that cannot be used as asked (it holds another run, or no run to resume)."""
+
+
+def read_config(path: str | Path) -> Config:
+    """A run's ``config.json``; a damaged one is a ConfigError naming it, with the way out."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path} is not a readable JSON config ({error}): restore it, or give the config the run was trained "
+            "with (--config FILE plus the same --set overrides)"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config object: restore it")
+    return Config(saved)
 
 
 def describe_run(workdir: str | Path) -> str | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import flexivit
-from tasks.common.datasets import build_dataset, take
+from tasks.common.datasets import build_dataset, require_examples, take
 from tasks.common.train_state import resolve_checkpoint
 from tasks.common.transforms import as_value_range, eval_transform, train_transform
 
@@ -81,15 +81,18 @@ def build_datasets(data, distill=None) -> tuple:
     )
     val_tf = eval_transform(data.image_size, crop_ratio=data.eval_crop_ratio, value_range=value_range)
     train = _sample(read_image_text(data, data.train_split), data.train_examples)
+    require_examples(train, f"data.train_split={data.train_split!r} of {data.name}")
     retrieval = None
     if data.val_split:
         retrieval = _sample(read_image_text(data, data.val_split), data.val_examples).with_transform(val_tf)
+        require_examples(retrieval, f"data.val_split={data.val_split!r} of {data.name}")
     zeroshot, classnames, templates = None, [], []
     if data.zeroshot:
         spec = data.zeroshot
         zeroshot = build_dataset(spec.name, spec.split, root=spec.root, transform=val_tf)
         if spec.examples and spec.examples < len(zeroshot):
             zeroshot = take(zeroshot, spec.examples, seed=0)
+        require_examples(zeroshot, f"data.zeroshot split {spec.split!r} of {spec.name}")
         classnames, templates = list(zeroshot.classes), list(spec.templates)
     val = EvalData(zeroshot=zeroshot, classnames=classnames, templates=templates, retrieval=retrieval)
     return CaptionPairs(train, data.caption_bytes), train_tf, val, {"classnames": classnames}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import os
 import tarfile
@@ -25,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tasks.common.datasets import load_image
+from tasks.common.images import open_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -60,7 +59,7 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        return load_image(self.paths[index])
+        return open_image(self.paths[index])
 
 
 class DatasetImages:
@@ -201,11 +200,7 @@ class TarImages:
         with open(shard, "rb") as f:
             f.seek(offset)
             raw = f.read(size)
-        try:
-            with Image.open(io.BytesIO(raw)) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot read image {index} of {shard} (offset {offset}): {e}") from e
+        return open_image(raw, f"image {index} of {shard} (offset {offset})")
 
 
 def read_tar_shards(pattern: str | Sequence[str]) -> ImageTextSet:

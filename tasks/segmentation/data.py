@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-from tasks.common.datasets import load_image
+from tasks.common.datasets import require_examples
+from tasks.common.images import open_image
 
 IGNORE_INDEX = 255
 
@@ -50,15 +50,10 @@ def reduce_zero_label_table() -> np.ndarray:
 
 def read_mask(path: str | Path, label_map: np.ndarray | None = None) -> np.ndarray:
     """A label PNG as a uint8 array (H, W) of class indices, through ``label_map`` (a 256-entry table) if given."""
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P", "I;16", "I", "1"):
-                raise ValueError(
-                    f"mask {path} has mode {image.mode}: expected class indices (L, P or 16-bit), not colours"
-                )
-            mask = np.asarray(image)  # for mode "P": the palette indices, which are the classes (VOC, labelme)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from e
+    image = open_image(path, mode=None)  # as stored: the indices, not colours
+    if image.mode not in ("L", "P", "I;16", "I", "1"):
+        raise ValueError(f"mask {path} has mode {image.mode}: expected class indices (L, P or 16-bit), not colours")
+    mask = np.asarray(image)  # for mode "P": the palette indices, which are the classes (VOC, labelme)
     if mask.dtype != np.uint8:
         if mask.max() > 255:
             raise ValueError(f"mask {path} holds labels above 255 ({mask.max()}); expected class indices")
@@ -76,8 +71,6 @@ class SegmentationFolder(Dataset):
         label_map: np.ndarray | None = None,
         transform: Callable | None = None,
     ):
-        if not pairs:
-            raise FileNotFoundError("no (image, mask) pairs found")
         self.pairs, self.classes, self.label_map, self.transform = list(pairs), list(classes), label_map, transform
 
     def __len__(self) -> int:
@@ -92,9 +85,16 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int):
         image_path, mask_path = self.pairs[index]
-        image, mask = load_image(str(image_path)), read_mask(mask_path, self.label_map)
+        image, mask = open_image(image_path), read_mask(mask_path, self.label_map)
         if image.size != (mask.shape[1], mask.shape[0]):
             raise ValueError(f"{image_path} is {image.size[0]}x{image.size[1]} but its mask is {mask.shape[::-1]}")
+        # One comparison per mask: a class id past the head's outputs would otherwise fail inside the loss, unnamed.
+        bad = (mask >= len(self.classes)) & (mask != IGNORE_INDEX)
+        if bad.any():
+            raise ValueError(
+                f"mask {mask_path} holds class id {int(mask[bad].max())} (after the label map), outside the "
+                f"{len(self.classes)} classes [0, {len(self.classes)}) and not the ignore index {IGNORE_INDEX}"
+            )
         return (image, mask) if self.transform is None else self.transform(image, mask)
 
 
@@ -131,7 +131,9 @@ def build_segmentation_dataset(name: str, split: str, root: str | Path, transfor
         raise KeyError(f"unknown segmentation dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     if root is None or not Path(root).is_dir():
         raise FileNotFoundError(f"{name} root folder {root} not found")
-    return DATASETS[name](split, Path(root), transform, **options)
+    return require_examples(
+        DATASETS[name](split, Path(root), transform, **options), f"{name} split {split!r} in {root}"
+    )
 
 
 def _read_class_table(root: Path) -> list[str] | None:
