@@ -1,8 +1,10 @@
-"""Panoptic foundations (issue 12): COCO panoptic files, UViM's canonical two-channel target, the stage I quantiser."""
+"""Panoptic foundations (issue 12): COCO panoptic files, UViM's canonical two-channel target, the stage I quantiser;
+and the slips of issue 24: bad entries named, PQ of a validation subset, a failure under DDP, the bottleneck resize."""
 
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from tasks.common import scenes
 from tasks.panoptic import (
     PanopticDataError,
+    PanopticDataWarning,
     VectorQuantizer,
     canonical_instances,
     code_dropout,
@@ -144,6 +147,49 @@ def test_bad_panoptic_files_are_named(panoptic_root, tmp_path):
     missing.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(PanopticDataError, match=r"missing\.json: missing key 'categories'"):
         read_coco_panoptic(missing, tmp_path, tmp_path)
+
+
+@needs_fashion_mnist
+def test_every_bad_entry_is_named_with_its_file_and_images_without_annotations_are_counted(panoptic_root, tmp_path):
+    json_path = split(panoptic_root)[0]
+    gt = json.loads(json_path.read_text())
+    name = gt["categories"][1]["name"]
+    image_id = gt["annotations"][0]["image_id"]
+
+    def set_field(where, key, value):  # value KeyError: remove the key
+        def change(data, _):
+            entry = where(data)
+            if value is KeyError:
+                del entry[key]
+            else:
+                entry[key] = value
+
+        return change
+
+    cases = [
+        (set_field(lambda d: d["categories"][1], "id", KeyError), rf"category 1 \('{name}'\) lacks \['id'\]"),
+        (set_field(lambda d: d["categories"][0], "id", "1"), r"category 0 \('.+'\) has id '1' \(expected int\)"),
+        (set_field(lambda d: d["categories"][2], "id", gt["categories"][0]["id"]), r"category id\(s\) \[\d+\] appear"),
+        (set_field(lambda d: d["images"][1], "height", "48"), r"image entry 1 has height '48' \(expected int\)"),
+        (set_field(lambda d: d["annotations"][0]["segments_info"][0], "id", KeyError),
+         rf"segment 0 of image {image_id} lacks \['id'\]"),
+        (set_field(lambda d: d["annotations"][1], "segments_info", None), r"annotation 1 has segments_info None"),
+        (set_field(lambda d: d, "categories", {}), r"'categories' must be a list, it is a dict"),
+        (lambda d, _: d["annotations"].append(d["annotations"][0]), rf"annotations of image id\(s\) \[{image_id}\]"),
+        (lambda d, _: d["annotations"].insert(0, 7), r"annotation 0 is not an object: 7"),
+    ]  # fmt: skip
+    for k, (change, pattern) in enumerate(cases):
+        with pytest.raises(PanopticDataError, match=r"panoptic_val\.json: " + pattern):
+            corrupt(panoptic_root, tmp_path / str(k), change)
+    not_json_object = tmp_path / "list.json"
+    not_json_object.write_text("[]")
+    with pytest.raises(PanopticDataError, match=r"list\.json: a COCO panoptic JSON is an object, this one is a list"):
+        read_coco_panoptic(not_json_object, tmp_path, tmp_path)
+    # An image listed without an annotation entry has no ground truth: left out, and said so with its file name.
+    unannotated = next(i["file_name"] for i in gt["images"] if i["id"] == image_id)
+    with pytest.warns(PanopticDataWarning, match=rf"1 of 3 images have no annotation entry .*: {unannotated}$"):
+        dataset = corrupt(panoptic_root, tmp_path / "dropped", lambda d, _: d["annotations"].pop(0))
+    assert len(dataset) == 2 and image_id not in [r.image_id for r in dataset.records]
 
 
 # ------------------------------------------------------------------------------------------------ vector quantiser
@@ -283,6 +329,24 @@ def test_oracle_codes_and_logits_have_the_configured_shapes_and_no_instance_is_a
         oracle(images, semantic + 1, instance)
     with pytest.raises(ValueError, match="code_len 5 must be a square number"):
         tiny_oracle(code_len=5)
+
+
+def test_oracle_bottleneck_resizes_as_jax_image_resize_antialiased_when_it_shrinks():
+    # big_vision's UViM resizes the encoder's grid to the code grid and back with jax.image.resize(..., "linear"),
+    # whose triangle kernel is widened by the factor when shrinking (tests/reference_resize.py, written from JAX's
+    # scale_and_translate); plain bilinear would read only some of the tokens at 8 -> 4.
+    from reference_resize import jax_bilinear_matrix, resize_2d
+
+    oracle = tiny_oracle()
+    for old, new in [(8, 4), (6, 4), (12, 6), (4, 8), (4, 6)]:
+        x = torch.randn(2, old * old, 5, dtype=torch.float64)
+        got = oracle._resize_grid(x, new).view(2, new, new, 5).permute(0, 3, 1, 2)
+        grid = x.view(2, old, old, 5).permute(0, 3, 1, 2).numpy()
+        matrix = jax_bilinear_matrix(old, new)  # antialias=True, as jax's default; no effect when growing
+        torch.testing.assert_close(got, torch.from_numpy(resize_2d(grid, matrix, matrix)), rtol=0, atol=1e-6)
+    images, semantic, instance = toy_targets(batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torch's antialiased kernel has no CPU bf16: run in float32
+        assert oracle(images, semantic, instance)["codes"].shape == (2, 4)
 
 
 def test_to_panoptic_classes_an_instance_by_its_summed_semantic_logits():
@@ -534,3 +598,69 @@ def test_pq_under_data_parallel_splits_the_images_and_equals_one_process(panopti
     assert [r["seen"] for r in ranks] == [2 * 2, 1 * 2]
     for r in ranks:  # every process gets the main process's numbers, which are those of one process alone
         assert r["results"] == alone
+
+
+@needs_fashion_mnist
+def test_pq_of_the_first_val_examples_is_the_pq_of_those_images_alone(panoptic_root, tmp_path):
+    pytest.importorskip(
+        "panopticapi.evaluation", reason="panopticapi not installed (pip install --no-deps panopticapi-lite)"
+    )
+    from tasks.panoptic.data import evaluate_pq
+
+    subset = _scenes_eval_set(panoptic_root)
+    subset.images.records = subset.images.records[:2]  # what build_datasets does with data.val_examples=2
+    got = evaluate_pq(_erase_instance_one_at_patch_16, subset, [8, 16], torch.device("cpu"), results_dir=tmp_path)
+    # The reference: a ground truth that lists those two images only, scored whole.
+    kept = {record.image_id for record in subset.images.records}
+    gt = json.loads(subset.gt_json.read_text())
+    alone = tmp_path / "root"
+    shutil.copytree(panoptic_root, alone)
+    only = {**gt, "images": [i for i in gt["images"] if i["id"] in kept]}
+    only["annotations"] = [a for a in gt["annotations"] if a["image_id"] in kept]
+    split(alone)[0].write_text(json.dumps(only))
+    want = evaluate_pq(_erase_instance_one_at_patch_16, _scenes_eval_set(alone), [8, 16], torch.device("cpu"))
+    assert got == want and got[8]["PQ"] == pytest.approx(100.0) and got[16]["PQ"] < 100.0
+    written = json.loads((tmp_path / "p16.json").read_text())  # the predictions name the scored images only
+    assert {i["id"] for i in written["images"]} == {a["image_id"] for a in written["annotations"]} == kept
+
+
+def _pq_failing_on_the_main_process(rank, world, init_file, root, out_file):
+    import torch.distributed as dist
+
+    from tasks.panoptic.data import evaluate_pq
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        val_set = _scenes_eval_set(root)
+        val_set.gt_dir = root / "nowhere"  # only the main process reads it, when it scores
+        evaluate_pq(_erase_instance_one_at_patch_16, val_set, [8], torch.device("cpu"), batch_size=1)
+    except Exception as err:
+        Path(f"{out_file}.{rank}").write_text(f"{type(err).__name__}: {err}")
+        raise
+
+
+@needs_fashion_mnist
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process group")
+def test_a_failure_of_the_main_process_in_pq_ends_every_process_with_its_error(panoptic_root, tmp_path):
+    pytest.importorskip(
+        "panopticapi.evaluation", reason="panopticapi not installed (pip install --no-deps panopticapi-lite)"
+    )
+    import multiprocessing
+
+    # Two independent processes (no launcher that would kill the survivor): each must end by itself, with the error.
+    context = multiprocessing.get_context("spawn")
+    args = (2, tmp_path / "pg", panoptic_root, tmp_path / "err")
+    processes = [context.Process(target=_pq_failing_on_the_main_process, args=(rank, *args)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    assert not hung, f"rank(s) {hung} still waiting after 120 s"
+    assert [process.exitcode for process in processes] == [1, 1]
+    errors = [Path(f"{tmp_path / 'err'}.{rank}").read_text() for rank in range(2)]
+    assert errors[0].startswith("FileNotFoundError: pq_compute: ") and errors[0].endswith("nowhere does not exist")
+    assert errors[1] == f"PeerError: the main process failed: {errors[0]}"

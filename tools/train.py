@@ -78,7 +78,7 @@ def resolve_config(args, resume: bool) -> Config:
     saved = None
     if resume and saved_path.exists():
         try:
-            saved = read_saved_config(saved_path)
+            saved = run_dir.read_config(saved_path)
         except ConfigError as error:
             if not args.config:
                 raise
@@ -105,19 +105,6 @@ def resolve_config(args, resume: bool) -> Config:
             )
     check_config(config)
     return config
-
-
-def read_saved_config(path: Path) -> Config:
-    """A workdir's ``config.json``; an unreadable one is named, with the way out."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(
-            f"{path} is not a readable JSON config ({error}); pass the run's --config again to resume with it"
-        ) from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} holds {type(saved).__name__}, not a config object")
-    return Config(saved)
 
 
 def build_teacher(distill, value_range, device) -> torch.nn.Module:
@@ -239,10 +226,12 @@ def main(argv=None) -> dict:
 
     # ------------------------------------------------------------------------------------------ the run starts
     distributed.barrier()  # every rank has checked the workdir before the main process writes into it
-    if main_process:
-        run_dir.start(workdir, mode, start_step)  # --overwrite's deletion, leftover temp files, logs cut back
+
+    def start_run():  # --overwrite's deletion, leftover temp files, logs cut back to the checkpoint; the config
+        run_dir.start(workdir, mode, start_step)
         save_config(config, workdir / "config.json")
-    distributed.barrier()
+
+    distributed.on_main(start_run)  # a failure there (a full disk) ends every rank with its message
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -344,11 +333,17 @@ def main(argv=None) -> dict:
                 run_eval(done)
             stop = reduced[-1].item() > 0
             if done % train_cfg.ckpt_every == 0 or done == train_cfg.steps or stop:
-                if main_process:
-                    save_train_state(
-                        workdir, done, model, optimizer, scheduler, scaler, config, keep=train_cfg.keep_ckpts
-                    )
-                distributed.barrier()
+                distributed.on_main(
+                    save_train_state,
+                    workdir,
+                    done,
+                    model,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    config,
+                    keep=train_cfg.keep_ckpts,
+                )
             if stop:
                 writer.close()
                 progress.close()

@@ -3,11 +3,13 @@
 Every collective of the engine and the evaluators goes through this module, which hands the backend tensors on its
 own device (:func:`collective_device`: the rank's GPU under NCCL, the CPU under gloo) and gives results back on the
 caller's device. NCCL refuses CPU tensors, so a metric sum built on the CPU would otherwise crash at step 0 of a
-multi-GPU run; here the callers need not know.
+multi-GPU run; here the callers need not know. Work that the main process does while the others wait for its
+result (scoring an evaluation) goes through :func:`on_main`, so that a failure there ends every rank with the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -92,6 +94,52 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_object(obj) -> list | None:
+    """Every rank's picklable ``obj`` in rank order on the main process (None on the others): for results that only
+    the main process scores, so that no other rank holds them all (our own values only, as above)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+class PeerError(RuntimeError):
+    """Raised on the other ranks when the main process failed in :func:`on_main`; the message carries its error."""
+
+
+def on_main(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run on the main process only; its result is returned on every process.
+
+    If ``fn`` raises, every process raises: the main one its own exception (with its traceback), the others a
+    :class:`PeerError` with the exception's type and message. The main process sends either its result or its error,
+    so no rank is left waiting in a collective for a result that never comes (a dead peer gives gloo ranks only
+    "Connection closed by peer", and a main process that fails but lingers leaves them waiting until the timeout).
+    """
+    if not dist.is_initialized():
+        return fn(*args, **kwargs)
+    sent = [None]
+    if is_main():
+        try:
+            sent[0] = ("ok", fn(*args, **kwargs))
+        except BaseException as err:  # Ctrl-C too: the other ranks must not wait for it
+            with contextlib.suppress(Exception):  # a peer already gone must not hide the error itself
+                dist.broadcast_object_list([("error", f"{type(err).__name__}: {err}")], src=0)
+            raise
+    dist.broadcast_object_list(sent, src=0)
+    status, value = sent[0]
+    if status == "error":
+        raise PeerError(f"the main process failed: {value}")
+    return value
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    while (inner := getattr(net, "module", None) or getattr(net, "_orig_mod", None)) is not None:
+        net = inner
+    return net
 
 
 def shutdown() -> None:

@@ -17,12 +17,20 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+import flexivit
 from tasks.common import distributed
 from tasks.common.loader import JointTransform
 from tasks.common.transforms import as_value_range
 
 from .evaluation import panoptic_metrics, pq_compute
-from .targets import PanopticDataset, canonical_instances, encode_prediction, read_coco_panoptic, write_encoded_panoptic
+from .targets import (
+    PanopticDataError,
+    PanopticDataset,
+    canonical_instances,
+    encode_prediction,
+    read_coco_panoptic,
+    write_encoded_panoptic,
+)
 
 
 def _to_model_input(image: torch.Tensor, value_range) -> torch.Tensor:
@@ -97,9 +105,12 @@ def build_datasets(data, distill=None) -> tuple:
     (train, _), (val, val_png_dir) = _split(data, "train"), _split(data, "val")
     if train.category_ids != val.category_ids:
         raise ValueError(f"{train.json_path} and {val.json_path} have different categories")
+    for split in (train, val):
+        if not len(split):
+            raise PanopticDataError(f"{split.json_path}: no annotated images")
     if data.train_examples:
         train.records = train.records[: data.train_examples]
-    if data.val_examples:
+    if data.val_examples:  # PQ is then scored against the ground truth of these images alone (evaluate_pq)
         val.records = val.records[: data.val_examples]
     train_tf = TrainTransform(data.image_size, data.crop_area, data.hflip, value_range, data.max_instances)
     val.transform = EvalTransform(data.image_size, value_range, data.max_instances)
@@ -116,38 +127,45 @@ def build_datasets(data, distill=None) -> tuple:
 def evaluate_pq(predict, val_set: EvalSet, patch_sizes, device, batch_size: int = 8, results_dir=None) -> dict:
     """``{patch: PQ metrics (percent)}``: ``predict(images, semantic, instance, patch) -> (semantic, instance)``
     maps at the model size for each batch; they are resized to each image's size, written and scored by
-    ``pq_compute``. Under DDP each process predicts every world-size-th image and sends its encoded PNGs to the
-    main process, which scores the whole split; every process gets the same numbers."""
+    ``pq_compute`` against the ground truth of the set's images (all of the JSON's, or the ``val_examples`` first).
+    Under DDP each process predicts every world-size-th image and sends its encoded PNGs to the main process, which
+    scores the whole set; every process gets the same numbers, or the main process's error."""
     dataset = val_set.images
+    if not len(dataset):
+        raise ValueError(f"{val_set.gt_json}: no annotated images to evaluate")
     mine = list(range(distributed.rank(), len(dataset), distributed.world_size()))
     results = {}
-    for patch in patch_sizes:
-        encoded = []
-        for start in range(0, len(mine), batch_size):
-            indices = mine[start : start + batch_size]
-            items = [dataset[k] for k in indices]
-            images, semantic, instance = (torch.stack(parts).to(device) for parts in zip(*items, strict=True))
-            got_semantic, got_instance = predict(images, semantic, instance, patch)
-            for k, index in enumerate(indices):
-                record = dataset.records[index]
-                maps = torch.stack([got_semantic[k], got_instance[k]])[None].float()
-                maps = F.interpolate(maps, size=(record.height, record.width), mode="nearest")[0].long().cpu()
-                prediction = (record.image_id, record.image.name, maps[0].numpy(), maps[1].numpy())
-                encoded.append((index, *encode_prediction(*prediction, dataset.category_ids)))
-        if distributed.world_size() > 1:
-            encoded = [item for part in distributed.all_gather_object(encoded) for item in part]
-        metrics = {}
-        if distributed.is_main():
-            encoded = [(annotation, png) for _, annotation, png in sorted(encoded, key=lambda item: item[0])]
-            with tempfile.TemporaryDirectory(prefix="flexivit-panoptic-") as tmp:
-                out = Path(results_dir or tmp) / f"p{patch}"
-                out_json = write_encoded_panoptic(encoded, out.with_suffix(".json"), out, val_set.gt_json)
-                metrics = panoptic_metrics(pq_compute(val_set.gt_json, out_json, val_set.gt_dir, out))
-        results[patch] = _broadcast(metrics)
+    with tempfile.TemporaryDirectory(prefix="flexivit-panoptic-") as tmp:
+        for patch in patch_sizes:
+            encoded = []
+            for start in range(0, len(mine), batch_size):
+                indices = mine[start : start + batch_size]
+                items = [dataset[k] for k in indices]
+                images, semantic, instance = (torch.stack(parts).to(device) for parts in zip(*items, strict=True))
+                got_semantic, got_instance = predict(images, semantic, instance, patch)
+                for k, index in enumerate(indices):
+                    record = dataset.records[index]
+                    maps = torch.stack([got_semantic[k], got_instance[k]])[None].float()
+                    maps = F.interpolate(maps, size=(record.height, record.width), mode="nearest")[0].long().cpu()
+                    prediction = (record.image_id, record.image.name, maps[0].numpy(), maps[1].numpy())
+                    encoded.append((index, *encode_prediction(*prediction, dataset.category_ids)))
+            parts = distributed.gather_object(encoded)  # the main process alone holds every image's PNG
+            out = Path(results_dir or tmp) / f"p{_name(patch)}"
+            results[patch] = distributed.on_main(_score, parts, val_set, out)
     return results
 
 
-def _broadcast(metrics: dict) -> dict:
-    if distributed.world_size() == 1:
-        return metrics
-    return distributed.all_gather_object(metrics)[0]
+def _name(patch) -> str:
+    """``16`` or ``8x16``: a file name that tells every patch size apart."""
+    h, w = flexivit.pi_resize.to_2tuple(patch)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def _score(parts: list, val_set: EvalSet, out: Path) -> dict:
+    """The main process's half of :func:`evaluate_pq`: write the gathered predictions in the images' order and
+    score them against the ground truth of these images alone (``data.val_examples`` may have kept a subset)."""
+    gathered = sorted((item for part in parts for item in part), key=lambda item: item[0])
+    encoded = [(annotation, png) for _, annotation, png in gathered]
+    out_json = write_encoded_panoptic(encoded, out.with_suffix(".json"), out, val_set.gt_json)
+    image_ids = [record.image_id for record in val_set.images.records]
+    return panoptic_metrics(pq_compute(val_set.gt_json, out_json, val_set.gt_dir, out, image_ids=image_ids))

@@ -7,8 +7,8 @@ image encoder needs to be flexible (the paper initialises it with FlexiViT).
 
     encode: one-hot(semantic) and one-hot(instance), each embedded per patch by a dense layer over (channels, p, p)
             (a stride-p convolution is exactly that), summed, + image context (its own stride-p convolution) +
-            learned position embedding -> ViT encoder -> grid bilinearly resized to the code grid -> dense ->
-            standardised per vector -> vector quantiser
+            learned position embedding -> ViT encoder -> grid resized to the code grid (bilinear, antialiased
+            as jax.image.resize) -> dense -> standardised per vector -> vector quantiser
     decode: codes -> dense -> bilinearly resized to the patch grid -> + image context (a second convolution) +
             position embedding -> ViT decoder -> zero-initialised per-patch heads -> per-pixel logits of both channels
 """
@@ -137,12 +137,16 @@ class Oracle(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
 
     def _resize_grid(self, x: torch.Tensor, side: int) -> torch.Tensor:
-        """(B, n*n, C) tokens -> (B, side*side, C), bilinear (no antialias) on the token grid."""
+        """(B, n*n, C) tokens -> (B, side*side, C) as big_vision's UViM resizes its bottleneck both ways,
+        ``jax.image.resize(x, shape, method="linear")`` (``models/proj/uvim/vit.py``; docs/reference.md §10):
+        half-pixel centres, antialiased when it shrinks (the encoder's grid to the code grid: the triangle kernel
+        widened by the factor, so every token contributes) and plain bilinear when it grows (the codes to the
+        decoder's grid). At least float32: torch's antialiased kernel has no bf16 on the CPU."""
         b, n, c = x.shape
         old = math.isqrt(n)
-        grid = x.transpose(1, 2).reshape(b, c, old, old)
-        grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-        return grid.flatten(2).transpose(1, 2)
+        grid = x.transpose(1, 2).reshape(b, c, old, old).to(torch.promote_types(x.dtype, torch.float32))
+        grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False, antialias=side < old)
+        return grid.to(x.dtype).flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------------ the two halves
 

@@ -17,8 +17,8 @@ from torch import nn
 
 import flexivit
 from flexivit.model import FlexiViT, Mlp
+from tasks.common.distributed import unwrap
 from tasks.common.train_state import resolve_checkpoint
-from tasks.contrastive import unwrap
 
 from . import stage1
 from .data import build_datasets, evaluate_pq

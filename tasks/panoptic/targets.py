@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from flexivit.checkpoint import atomic_write_text
+from tasks.common.images import open_image
 from tasks.common.scenes import panoptic_ids, panoptic_rgb
 
 VOID = 0  # semantic class and instance id of unlabelled pixels (and of crowd regions, which PQ ignores)
@@ -30,6 +33,10 @@ VOID = 0  # semantic class and instance id of unlabelled pixels (and of crowd re
 
 class PanopticDataError(ValueError):
     """A COCO panoptic file that does not say what the format promises; the message names the file and segment."""
+
+
+class PanopticDataWarning(UserWarning):
+    """Something in a COCO panoptic file that is left out (images without an annotation entry), with its count."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,37 @@ def _load_json(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise PanopticDataError(f"{path}: not a readable COCO panoptic JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise PanopticDataError(f"{path}: a COCO panoptic JSON is an object, this one is a {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise PanopticDataError(f"{path}: missing key {key!r} (COCO panoptic: images, annotations, categories)")
+        if not isinstance(data[key], list):
+            raise PanopticDataError(f"{path}: {key!r} must be a list, it is a {type(data[key]).__name__}")
     return data
+
+
+def _check(entry, fields: dict, what: str, path: Path) -> None:
+    """Raise naming the file and the entry when ``entry`` is no object, lacks one of ``fields`` (key -> type) or
+    holds a value of another type: every key the reader uses is checked here, so none fails later as a KeyError."""
+    if not isinstance(entry, dict):
+        raise PanopticDataError(f"{path}: {what} is not an object: {str(entry)[:200]}")
+    missing = [key for key in fields if key not in entry]
+    if missing:
+        raise PanopticDataError(f"{path}: {what} lacks {missing}: {str(entry)[:200]}")
+    wrong = [
+        f"{key} {entry[key]!r} (expected {kind.__name__})"
+        for key, kind in fields.items()
+        if not isinstance(entry[key], kind) or (kind is int and isinstance(entry[key], bool))
+    ]
+    if wrong:
+        raise PanopticDataError(f"{path}: {what} has {', '.join(wrong)}")
+
+
+def _unique(ids: list, what: str, path: Path) -> None:
+    repeated = [i for i, count in Counter(ids).items() if count > 1]
+    if repeated:
+        raise PanopticDataError(f"{path}: {what} {sorted(repeated)[:8]} appear(s) more than once")
 
 
 class PanopticDataset(Dataset):
@@ -71,13 +105,13 @@ class PanopticDataset(Dataset):
     def labels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(semantic, instance)`` of record ``index``, checked against its JSON entry."""
         record = self.records[index]
-        with Image.open(record.png) as png:
-            if png.size != (record.width, record.height):
-                raise PanopticDataError(
-                    f"{record.png}: the PNG is {png.size[0]}x{png.size[1]}, its image {record.image_id} is "
-                    f"{record.width}x{record.height} in {self.json_path}"
-                )
-            ids = panoptic_ids(np.asarray(png.convert("RGB")))
+        png = open_image(record.png)
+        if png.size != (record.width, record.height):
+            raise PanopticDataError(
+                f"{record.png}: the PNG is {png.size[0]}x{png.size[1]}, its image {record.image_id} is "
+                f"{record.width}x{record.height} in {self.json_path}"
+            )
+        ids = panoptic_ids(np.asarray(png))
         semantic = np.zeros(ids.shape, np.int64)
         instance = np.zeros(ids.shape, np.int64)
         listed = {segment_id for segment_id, _, _ in record.segments}
@@ -103,8 +137,7 @@ class PanopticDataset(Dataset):
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        with Image.open(record.image) as image:
-            image = image.convert("RGB")
+        image = open_image(record.image)  # a missing, corrupt or oversized file is an ImageError naming it
         if image.size != (record.width, record.height):
             raise PanopticDataError(
                 f"{record.image}: {image.size[0]}x{image.size[1]}, but {self.json_path} says "
@@ -117,42 +150,60 @@ class PanopticDataset(Dataset):
 
 
 def read_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: str | Path) -> PanopticDataset:
-    """A COCO panoptic split: ``json_path`` (``panoptic_{split}.json``), its PNG folder and the images' folder."""
+    """A COCO panoptic split: ``json_path`` (``panoptic_{split}.json``), its PNG folder and the images' folder.
+
+    Every entry is checked (an error names the file and the entry). An image listed without an annotation entry
+    has no ground truth: it is left out, as panopticapi's ``pq_compute`` (which scores the annotations) leaves it
+    out, and a :class:`PanopticDataWarning` gives their number and the first file names.
+    """
     json_path, png_dir, image_dir = Path(json_path), Path(png_dir), Path(image_dir)
     data = _load_json(json_path)
+    for k, category in enumerate(data["categories"]):
+        name = f" ({category['name']!r})" if isinstance(category, dict) and "name" in category else ""
+        _check(category, {"id": int, "name": str}, f"category {k}{name}", json_path)
+    _unique([c["id"] for c in data["categories"]], "category id(s)", json_path)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     index = {c["id"]: k + 1 for k, c in enumerate(categories)}  # contiguous 1..K; 0 is void
-    images = {}
-    for image in data["images"]:
-        missing = [k for k in ("id", "file_name", "height", "width") if k not in image]
-        if missing:
-            raise PanopticDataError(f"{json_path}: an image entry lacks {missing}: {str(image)[:200]}")
-        images[image["id"]] = image
+    for k, image in enumerate(data["images"]):
+        _check(image, {"id": int, "file_name": str, "height": int, "width": int}, f"image entry {k}", json_path)
+    _unique([image["id"] for image in data["images"]], "image id(s)", json_path)
+    images = {image["id"]: image for image in data["images"]}
+    annotation_fields = {"image_id": int, "file_name": str, "segments_info": list}
+    for k, ann in enumerate(data["annotations"]):
+        _check(ann, annotation_fields, f"annotation {k}", json_path)
+    _unique([ann["image_id"] for ann in data["annotations"]], "annotations of image id(s)", json_path)
     records = []
     for ann in data["annotations"]:
-        missing = [k for k in ("image_id", "file_name", "segments_info") if k not in ann]
-        if missing:
-            raise PanopticDataError(f"{json_path}: an annotation lacks {missing}: {str(ann)[:200]}")
         if ann["image_id"] not in images:
             raise PanopticDataError(f"{json_path}: annotation {ann['file_name']} names unknown image {ann['image_id']}")
         segments = []
-        for segment in ann["segments_info"]:
+        for k, segment in enumerate(ann["segments_info"]):
+            _check(segment, {"id": int}, f"segment {k} of image {ann['image_id']}", json_path)
             if segment.get("category_id") not in index:
                 raise PanopticDataError(
-                    f"{json_path}: segment {segment.get('id')} of image {ann['image_id']} has category id "
+                    f"{json_path}: segment {segment['id']} of image {ann['image_id']} has category id "
                     f"{segment.get('category_id')!r}, not one of the JSON's categories {sorted(index)}"
                 )
-            segments.append((int(segment["id"]), index[segment["category_id"]], bool(segment.get("iscrowd", 0))))
+            segments.append((segment["id"], index[segment["category_id"]], bool(segment.get("iscrowd", 0))))
         image = images[ann["image_id"]]
         records.append(
             PanopticRecord(
-                image_id=int(ann["image_id"]),
+                image_id=ann["image_id"],
                 image=image_dir / image["file_name"],
                 png=png_dir / ann["file_name"],
-                height=int(image["height"]),
-                width=int(image["width"]),
+                height=image["height"],
+                width=image["width"],
                 segments=tuple(segments),
             )
+        )
+    unannotated = sorted(set(images) - {record.image_id for record in records})
+    if unannotated:
+        names = [images[i]["file_name"] for i in unannotated[:5]]
+        warnings.warn(
+            f"{json_path}: {len(unannotated)} of {len(images)} images have no annotation entry and are left out "
+            f"(no ground truth to train on or to score): {', '.join(names)}{', ...' if len(unannotated) > 5 else ''}",
+            PanopticDataWarning,
+            stacklevel=2,
         )
     records.sort(key=lambda r: r.image_id)
     return PanopticDataset(
@@ -232,7 +283,8 @@ def encode_prediction(image_id: int, file_name: str, semantic: np.ndarray, insta
 
 def write_encoded_panoptic(encoded, out_json: str | Path, out_dir: str | Path, gt_json: str | Path | None = None):
     """Write :func:`encode_prediction`'s ``(annotation, PNG bytes)`` pairs: the PNGs in ``out_dir``, their JSON at
-    ``out_json`` (categories and images copied from ``gt_json`` when given), the JSON atomically: never half a file."""
+    ``out_json`` (the categories, and the entries of the predicted images, copied from ``gt_json`` when given), the
+    JSON atomically: never half a file."""
     out_json, out_dir = Path(out_json), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for annotation, png in encoded:
@@ -240,7 +292,8 @@ def write_encoded_panoptic(encoded, out_json: str | Path, out_dir: str | Path, g
     data = {"annotations": [annotation for annotation, _ in encoded]}
     if gt_json is not None:
         gt = _load_json(Path(gt_json))
-        data.update(images=gt["images"], categories=gt["categories"])
+        predicted = {annotation["image_id"] for annotation, _ in encoded}
+        data.update(images=[image for image in gt["images"] if image["id"] in predicted], categories=gt["categories"])
     atomic_write_text(out_json, json.dumps(data))
     return out_json
 
