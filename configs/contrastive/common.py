@@ -5,6 +5,7 @@ Every key a config may set exists here, so ``--set`` can reject typos (tasks/com
 
 from configs.common import engine_config
 from tasks.common.config import Config
+from tasks.common.optim import big_vision_weight_decay
 
 # One switch for the paper's four image-text setups (Sec. 4 and 5.2): is the image tower locked, and is the patch
 # size fixed or drawn per step?
@@ -56,7 +57,11 @@ def base_config() -> Config:
         ),
         **engine_config(),
     )
-    config.optim.update(name="adamw", lr=1e-3, weight_decay=1e-4, warmup_steps=500)
+    # big_vision's LiT recipe (configs/proj/image_text/lit_coco.py, siglip_lit_coco.py): Adam lr 1e-3, wd 1e-2.
+    # Its decay is decoupled from the learning rate (a kernel loses 1e-2 * sched(t) of itself per step); torch's AdamW
+    # multiplies weight_decay by the learning rate, hence 1e-2 / 1e-3 = 10 (tasks.common.optim.big_vision_weight_decay).
+    lr = 1e-3
+    config.optim.update(name="adamw", lr=lr, weight_decay=big_vision_weight_decay(1e-2, lr), warmup_steps=500)
     # Gradient accumulation works, but micro-batches see fewer negatives than the whole batch.
     config.train.update(steps=10_000, batch_size=1024, ckpt_every=1000)
     return config

@@ -61,7 +61,8 @@ def get_config(arg=None):
         caption_bytes=256,
         num_workers=8,
     )
-    config.optim.update(name="adamw", lr=1e-3, weight_decay=1e-4, warmup_steps=min(500, steps // 10))
+    # lr and weight decay: big_vision's LiT recipe, as in base_config (converted for torch's AdamW there).
+    config.optim.update(warmup_steps=min(500, steps // 10))
     config.train.update(steps=steps, batch_size=1024, ckpt_every=1000)
     config.eval.update(patch_sizes=list(PAPER_PATCH_SIZES), batch_size=256)
     sizes = list(PAPER_PATCH_SIZES)

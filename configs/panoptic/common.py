@@ -6,6 +6,12 @@ docs/reference.md §10 (COCO panoptic at 512 px, stage I patch 16 with a 256-cod
 
 from configs.common import engine_config, parse_arg  # noqa: F401  (parse_arg re-exported for the dataset configs)
 from tasks.common.config import Config
+from tasks.common.optim import big_vision_weight_decay
+
+# The weight decay of big_vision's UViM panoptic recipes (configs/proj/uvim/): stage I vqvae_coco_panoptic.py
+# (lr 4e-4, wd 4e-5), stage II train_coco_panoptic_pretrained.py (lr 1e-3, wd 1e-6). It is decoupled from the
+# learning rate there (a kernel loses wd * sched(t) of itself per step), so it is converted at this config's own lr.
+UVIM_WEIGHT_DECAY = {1: 4e-5, 2: 1e-6}
 
 
 def base_config(stage: int) -> Config:
@@ -50,7 +56,9 @@ def base_config(stage: int) -> Config:
         ),
         **engine_config(),
     )
-    config.optim.update(name="adamw", lr=1e-3, weight_decay=1e-4, warmup_steps=1000, clip_norm=1.0)
+    lr = 1e-3
+    decay = big_vision_weight_decay(UVIM_WEIGHT_DECAY[stage], lr)  # torch's AdamW multiplies it by lr: 0.04 / 0.001
+    config.optim.update(name="adamw", lr=lr, weight_decay=decay, warmup_steps=1000, clip_norm=1.0)
     config.train.update(steps=100_000, batch_size=512, ckpt_every=5000)
     config.eval.update(batch_size=8)
     if stage == 1:

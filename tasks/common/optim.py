@@ -26,6 +26,23 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     return frozen
 
 
+def big_vision_weight_decay(wd: float, lr: float) -> float:
+    """torch AdamW's ``weight_decay`` that decays like big_vision's ``config.wd`` at learning rate ``lr``: ``wd / lr``.
+
+    big_vision adds ``wd * param`` after scaling the optimiser's update by ``lr`` and before the schedule, so one step
+    changes a kernel by ``-sched(t) * (lr * update + wd * param)``: the decay follows the schedule but not ``lr``
+    (big_vision/optax.py; docs/reference.md §13). torch's AdamW subtracts ``lr * sched(t) * weight_decay * param``,
+    so ``weight_decay = wd / lr`` gives the same step: e.g. the FlexiViT distillation recipe's wd 1e-5 at lr 1e-4 is
+    0.1 here. Passing big_vision's value as it is would decay ``1 / lr`` times too weakly (1000x at lr 1e-3).
+
+    Convert at the learning rate the run uses: a config that changes ``optim.lr`` must recompute the decay. Unlike
+    big_vision, torch also scales the decay of a group by its ``lr_mult``.
+    """
+    if not (math.isfinite(wd) and wd >= 0 and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"big_vision_weight_decay needs wd >= 0 and lr > 0 (finite), got wd={wd!r}, lr={lr!r}")
+    return wd / lr
+
+
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
 
