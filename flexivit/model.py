@@ -278,6 +278,13 @@ class FlexiViT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.normal_(module.bias, std=1e-6)
+        for block in self.blocks:
+            # big_vision's query, key and value are three layers (flax MultiHeadDotProductAttention with
+            # kernel_init=xavier_uniform, each kernel (D, D) once its heads are flattened): Xavier on each third of
+            # the fused weight, bound sqrt(6 / 2D), not on the (3D, D) whole, whose bound sqrt(6 / 4D) would give
+            # every projection sqrt(1/2) of the reference's scale.
+            for third in block.attn.qkv.weight.data.chunk(3):
+                nn.init.xavier_uniform_(third)
         if self.head is not None:
             if head_zero_init:
                 nn.init.zeros_(self.head.weight)
