@@ -201,6 +201,15 @@ def _block_names(params: dict[str, np.ndarray]) -> tuple[str, str, str]:
 def convert_big_vision(params: dict[str, np.ndarray], source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Map big_vision parameter names and layouts (flax: HWIO kernels, (in, out) dense) to this model's state dict."""
     params = dict(params)
+    # pool_type="map" (big_vision's attention-pooling head, MAPHead_0/...; "probe" at the top in older files) is not
+    # a pooling this model implements: name it, rather than list its parameters as having no place.
+    map_head = sorted(k for k in params if k.startswith("MAPHead_0/") or k == "probe")
+    if map_head:
+        raise CheckpointError(
+            f"{source}: a big_vision checkpoint with pool_type='map' (a multihead attention pooling head: "
+            f"{', '.join(map_head[:3])}, ...), which this model does not implement; it loads checkpoints with "
+            "pool_type 'tok' (class token) or 'gap' (mean of the tokens)"
+        )
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     used: set[str] = set()
 
@@ -361,6 +370,20 @@ def stored_sizes(sd: dict[str, torch.Tensor], meta: dict | None = None) -> dict[
     return sizes
 
 
+def stored_pooling(sd: dict[str, torch.Tensor], meta: dict | None = None) -> dict:
+    """How a checkpoint's model pools, read from the file like :func:`stored_sizes`: ``{"pool", "class_token"}``.
+
+    One of our files names both in its ``model_kwargs``. Any other file without a class token was trained without
+    one, which in big_vision is ``pool_type="gap"`` (the default of its FlexiViT: the mean of the tokens after the
+    final norm, as ``pool="gap"`` here). A file with a class token says nothing more: ``{}``, the model's own
+    ``pool`` applies ("tok" for the registered models).
+    """
+    kwargs = (meta or {}).get("model_kwargs") or {}
+    if "pool" in kwargs and "class_token" in kwargs:
+        return {"pool": kwargs["pool"], "class_token": kwargs["class_token"]}
+    return {} if "cls_token" in sd else {"pool": "gap", "class_token": False}
+
+
 def _warn_resize(source: str, what: str, old, new) -> None:
     warnings.warn(
         f"{source}: {what} resized {'x'.join(map(str, old))} -> {'x'.join(map(str, new))} to fit the model's "
@@ -451,9 +474,15 @@ def load_state_dict(model: FlexiViT, sd: dict[str, torch.Tensor], source: str = 
         if k in own and v.shape != own[k].shape
     ]
     if missing or unexpected or wrong:
+        hint = (
+            "\n  the file has no class token (big_vision pool_type='gap'): build the model with pool='gap', "
+            "class_token=False (create_model reads this from the file unless overridden)"
+            if "cls_token" in missing
+            else ""
+        )
         raise CheckpointError(
             f"{source} does not fit the model:\n  missing: {missing}\n  unexpected: {unexpected}\n"
-            f"  wrong shape: {wrong}"
+            f"  wrong shape: {wrong}{hint}"
         )
     with torch.no_grad():
         for k, v in sd.items():
@@ -535,6 +564,7 @@ __all__ = [
     "read_pretrained",
     "release_path",
     "save_model",
+    "stored_pooling",
     "stored_sizes",
     "torch_load",
 ]

@@ -64,7 +64,9 @@ def create_model(
             (16x16 kernel, 15x15 grid) gives timm's logits at patch 16, and the model still runs at every patch
             size. ``True`` PI-resizes the kernel and resizes the position grid to the registered underlying sizes
             instead (32x32 and 7x7 for FlexiViTs: the distillation init of paper Sec. 3.5); so do explicit
-            ``base_patch_size`` / ``posemb_grid`` overrides. A lossy resize warns, naming from -> to.
+            ``base_patch_size`` / ``posemb_grid`` overrides. A lossy resize warns, naming from -> to. The pooling
+            is read from the file too: one without a class token (big_vision's ``pool_type="gap"``) gives
+            ``pool="gap", class_token=False``.
         **overrides: any FlexiViT keyword argument, e.g. ``num_classes=10`` or ``drop_path_rate=0.1``.
     """
     kwargs = model_kwargs(name)
@@ -77,6 +79,7 @@ def create_model(
     sd, meta, path = checkpoint.read_pretrained(pretrained)
     if "num_classes" not in overrides:  # like timm: keep the checkpoint's head unless told otherwise
         kwargs["num_classes"] = sd["head.bias"].shape[0] if "head.bias" in sd else 0
+    kwargs.update(checkpoint.stored_pooling(sd, meta))  # e.g. big_vision's "gap": no class token in the file
     if not resize_to_model:
         kwargs.update(checkpoint.stored_sizes(sd, meta))
     model = FlexiViT(**{**kwargs, **overrides})

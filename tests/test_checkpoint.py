@@ -112,13 +112,53 @@ def test_npz_errors_name_the_key(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="Dense_0/bias"):
         flexivit.create_model("flexivit_base", pretrained=tmp_path / "missing.npz", **SHAPE)
     params = random_big_vision_params()
-    params["MAPHead_0/probe"] = np.zeros((1, 1, 32), np.float32)
+    params["pre_logits/kernel"] = np.zeros((32, 32), np.float32)
     np.savez(tmp_path / "extra.npz", **params)
-    with pytest.raises(ckpt.CheckpointError, match="MAPHead_0/probe"):
+    with pytest.raises(ckpt.CheckpointError, match="no place for.*pre_logits/kernel"):
         flexivit.create_model("flexivit_base", pretrained=tmp_path / "extra.npz", **SHAPE)
     np.savez(tmp_path / "deep.npz", **random_big_vision_params(depth=3))
     with pytest.raises(ckpt.CheckpointError, match="blocks.2"):
         flexivit.create_model("flexivit_base", pretrained=tmp_path / "deep.npz", **SHAPE)
+
+
+@pytest.mark.parametrize("patch", [16, 30])
+def test_npz_with_gap_pooling_loads_without_being_told(tmp_path, images, patch):
+    # big_vision FlexiViT's default pool_type "gap": no class token in the file, logits = head(mean of the tokens
+    # after the final norm). Oracle: timm's own loader into its ViT without a class token, average pooling after the
+    # final norm (fc_norm=False).
+    params = random_big_vision_params()
+    del params["cls"]
+    np.savez(tmp_path / "gap.npz", **{"params/" + k: v for k, v in params.items()})
+    model = ours(tmp_path / "gap.npz")  # no pool / class_token arguments
+    assert model.pool == "gap" and model.cls_token is None
+    reference = VisionTransformer(
+        img_size=240, patch_size=patch, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5,
+        no_embed_class=True, class_token=False, global_pool="avg", fc_norm=False,
+    ).eval()  # fmt: skip
+    _load_weights(reference, str(tmp_path / "gap.npz"))
+    with torch.no_grad():
+        got, want = model(images, patch_size=patch), reference(images)
+    assert rel_err(got, want) < 1e-4, f"patch {patch}: relative error {rel_err(got, want):.2e}"
+
+
+def test_npz_with_map_pooling_is_named_not_listed(tmp_path):
+    params = random_big_vision_params()
+    del params["cls"]
+    params["MAPHead_0/probe"] = np.zeros((1, 1, 32), np.float32)
+    params["MAPHead_0/LayerNorm_0/scale"] = np.ones(32, np.float32)
+    np.savez(tmp_path / "map.npz", **params)
+    with pytest.raises(ckpt.CheckpointError, match=r"map\.npz: .*pool_type='map'.*MAPHead_0/") as error:
+        flexivit.create_model("flexivit_base", pretrained=tmp_path / "map.npz", **SHAPE)
+    assert "missing" not in str(error.value)
+
+
+def test_a_class_token_that_the_file_lacks_is_explained(tmp_path):
+    params = random_big_vision_params()
+    del params["cls"]
+    np.savez(tmp_path / "gap.npz", **params)
+    model = flexivit.create_model("flexivit_base", **SHAPE, num_classes=5)  # pool "tok": needs a class token
+    with pytest.raises(ckpt.CheckpointError, match="no class token.*pool='gap', class_token=False"):
+        ckpt.load_pretrained(model, tmp_path / "gap.npz")
 
 
 def test_npz_object_arrays_are_refused(tmp_path):
