@@ -1,11 +1,13 @@
 """The detection task end to end: evaluation wrappers against lvis / pycocotools run directly, the task face on the
 runlocal config (train, checkpoint, evaluate, the per-step patch size), towers from a contrastive checkpoint, the
-labelme photos through inference."""
+labelme photos through inference, a checkpoint that alone rebuilds the model (prompts included), and evaluation in two
+processes (results gathered to the main one only, one results file per patch size)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -336,3 +338,123 @@ def test_scenes_config_arguments_choose_the_data_and_an_unknown_one_is_refused()
     assert load_config("configs/detection/scenes.py:strict").data.drop_rare_images
     with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['plain'\]"):
         load_config("configs/detection/scenes.py:plain")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints and DDP
+
+
+def _tiny_owl(query_names=("cat", "dog")) -> detection.OwlViT:
+    """A tiny OWL-ViT with the same weights in every process (seeded), its class projection made visible."""
+    torch.manual_seed(0)
+    image = flexivit.create_model("flexivit_mu", depth=1, width=32, num_heads=2, num_classes=0)
+    text = build_text_tower("openclip", width=32, layers=1, heads=2, context_length=16)
+    model = detection.OwlViT(
+        image, text, torch.nn.Linear(32, 32, bias=False), 32, query_names=query_names, train_templates=["a {}."]
+    )
+    torch.nn.init.normal_(model.class_head.proj.weight, std=0.3)
+    return model.eval()
+
+
+def test_a_checkpoint_alone_runs_inference_and_training_like_the_model_that_wrote_it(tmp_path):
+    # The prompts' class names and templates live in model.kwargs, which the engine saves with the weights.
+    from tasks.common.train_state import save_train_state
+
+    model = _tiny_owl(query_names=["cat", "dog", "bird"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    path = save_train_state(tmp_path, 3, model, optimizer, scheduler, scaler, Config(task="detection"))
+    loaded = detection.load_model(path).eval()
+    assert loaded.query_names == ["cat", "dog", "bird"] and loaded.train_templates == ["a {}."]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = detection.image_forward(model)(images, patch_size=8), detection.image_forward(loaded)(images, 8)
+    for key in ("logits", "boxes"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert got["logits"].shape == (2, 16, 3)  # every stored class is queried
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2]], [[0.6, 0.5, 0.3, 0.4]]])
+    queries, query_valid = torch.tensor([[0, 2], [1, 0]]), torch.tensor([[True, True], [True, False]])
+    labels = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    batch = (images, boxes, torch.ones(2, 1, dtype=torch.bool), labels, queries, query_valid)
+    losses = []
+    for net in (model, loaded):
+        torch.manual_seed(5)  # the template draw of the step
+        losses.append(detection.train_loss(net, batch, 8, step=0, config=None)[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    with pytest.raises(AttributeError):
+        loaded.query_names = ["other"]  # read-only: what runs is what the checkpoint stores
+
+
+def _tiny_coco(root) -> None:
+    """Three 32 px images, two categories, boxes on the box priors at patch 16 (so AP > 0 at init)."""
+    from torchvision.io import write_png
+
+    root.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, boxes in enumerate([[(8, 8, 1)], [(24, 24, 2), (8, 24, 1)], [(24, 8, 2)]]):
+        write_png(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)),
+                  str(root / f"{i}.png"))  # fmt: skip
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 32, "width": 32})
+        for x, y, c in boxes:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c,
+                                "bbox": [x, y, 16, 16], "area": 256, "iscrowd": 0})  # fmt: skip
+    categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    gt = {"images": images, "annotations": annotations, "categories": categories}
+    (root / "gt.json").write_text(json.dumps(gt))
+
+
+def _tiny_eval_set(root, results_dir=None) -> detection.EvalSet:
+    from tasks.detection.data import read_coco
+
+    images = read_coco(root / "gt.json", root, transform=EvalTransform(32))
+    return detection.EvalSet(images, root / "gt.json", "coco", ["cat", "dog"], ["{}"], results_dir=results_dir)
+
+
+PATCHES = [16, (8, 16), (16, 8)]
+
+
+def _evaluate_in_a_process_group(rank, world, init_file, root, out_file):
+    import torch.distributed as dist
+
+    from tasks.common import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    received, gather = [], distributed.gather_object
+
+    def spy(obj):
+        received.append(gather(obj))
+        return received[-1]
+
+    def everywhere(obj):
+        raise AssertionError("the results were sent to every rank")
+
+    distributed.gather_object, distributed.all_gather_object = spy, everywhere
+    results = detection.evaluate(_tiny_owl(), _tiny_eval_set(root), PATCHES, torch.device("cpu"), batch_size=1)
+    sizes = [None if r is None else [len(json.loads(part)) for part in r] for r in received]
+    torch.save({"results": results, "received": sizes}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process group")
+def test_evaluation_in_two_processes_equals_one_and_only_the_main_one_gets_the_results(tmp_path):
+    pytest.importorskip("pycocotools")
+    import torch.multiprocessing as mp
+
+    _tiny_coco(tmp_path / "coco")
+    alone = detection.evaluate(
+        _tiny_owl(), _tiny_eval_set(tmp_path / "coco", tmp_path), PATCHES, torch.device("cpu"), batch_size=1
+    )
+    assert all(alone[p]["AP"] > 0 for p in PATCHES)
+    # Non-square patch sizes each get their own results file: (8, 16) and (16, 8) no longer share one.
+    names = sorted(p.name for p in tmp_path.glob("results_*.json"))
+    assert names == ["results_p16.rank0.json", "results_p16x8.rank0.json", "results_p8x16.rank0.json"]
+    assert (tmp_path / "results_p16x8.rank0.json").read_text() != (tmp_path / "results_p8x16.rank0.json").read_text()
+    # spawn, not fork: a forked worker can hang in the OpenMP pool that this process has already used.
+    mp.spawn(_evaluate_in_a_process_group, args=(2, tmp_path / "pg", tmp_path / "coco", tmp_path / "r.pt"), nprocs=2)
+    ranks = [torch.load(tmp_path / f"r.pt.{rank}", weights_only=True) for rank in range(2)]
+    # Images 1 and 3 on rank 0, image 2 on rank 1, 300 detections cap -> all (token, class) pairs: 2x2x2, 4x2x2, 2x4x2.
+    per_image = {16: 8, (8, 16): 16, (16, 8): 16}
+    assert ranks[0]["received"] == [[2 * per_image[p], per_image[p]] for p in PATCHES]
+    assert ranks[1]["received"] == [None] * len(PATCHES)  # the other rank never holds the results
+    for r in ranks:
+        assert r["results"] == alone

@@ -321,11 +321,38 @@ def test_image_query_embedding_is_a_class_embedding_of_the_image(owl):
     query = owl.image_query_embedding(images, box, patch_size=16)
     with torch.no_grad():
         out = owl(images, torch.zeros(1, 16), patch_size=16)
-    index = one_shot_query_index(out["boxes"][0], out["class_embeds"][0], box)
+        head = owl.class_head.proj
+        raw = torch.nn.functional.linear(owl.image_features(images, 16)["tokens"][0], head.weight, head.bias)
+    index = one_shot_query_index(out["boxes"][0], raw, box)
     torch.testing.assert_close(query, out["class_embeds"][0, index])
     assert index == 4  # the zero-initialised box head predicts the priors: only token 4 overlaps
     with pytest.raises(ValueError, match="one image"):
         owl.image_query_embedding(torch.randn(2, 3, 48, 48), box)
+
+
+def test_image_query_selects_on_the_raw_class_embeddings():
+    # scenic's inference code and HF's embed_image_query compare the *unnormalised* class projections with their
+    # mean (docs/reference.md §8). Constructed tokens: the box (pixels 24..56 x 24..40 of 48 px) overlaps the priors
+    # of tokens 4 and 5 equally (IoU 1/2 each), so both are candidates. Token 4's embedding points the typical way
+    # but is tiny, token 5's is long and less typical; every other token is (1, 0). Raw: similarities to the mean
+    # 0.014 (token 4) and 15.8 (token 5) -> token 4. Normalised: 0.96 and 0.64 -> token 5, the wrong pick.
+    model = OwlViT.from_image_text(tiny_image_text()).eval()
+    with torch.no_grad():
+        model.class_head.proj.weight.copy_(torch.eye(16, 32))  # raw class embedding = the token's first 16 values
+        model.class_head.proj.bias.zero_()
+    tokens = torch.zeros(1, 9, 32)
+    tokens[0, :, 0] = 1.0
+    tokens[0, 4, :2] = torch.tensor([0.01, 0.0])
+    tokens[0, 5, :2] = torch.tensor([6.0, 8.0])
+    model.image_features = lambda images, patch_size=None: {"tokens": tokens, "grid": (3, 3), "patch_size": (16, 16)}
+    box = torch.tensor([40 / 48, 32 / 48, 32 / 48, 16 / 48])
+    query = model.image_query_embedding(torch.zeros(1, 3, 48, 48), box, patch_size=16)
+    raw = tokens[0, :, :16]
+    similarity = raw[[4, 5]] @ raw.mean(0)
+    assert similarity.argmin() == 0  # token 4 by the reference's rule
+    normalised = raw / (raw.norm(dim=-1, keepdim=True) + 1e-6)
+    assert (normalised[[4, 5]] @ normalised.mean(0)).argmin() == 1  # the two rules really disagree here
+    torch.testing.assert_close(query, normalised[4])
 
 
 # ----------------------------------------------------------------------------- losses

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ class EvalSet:
     classnames: list[str]
     templates: list[str]
     max_dets: int = 300
-    results_dir: Path | None = None  # keep results_p{patch}.json there (a temporary folder otherwise)
+    results_dir: Path | None = None  # keep results_p{16 | 8x16}.rank{r}.json there (a temporary folder otherwise)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -188,7 +189,18 @@ def build_model(model_cfg, info=None) -> OwlViT:
     text = build_text_tower(**model_cfg.text)
     embed_dim = model_cfg.embed_dim or image.width
     text_proj = torch.nn.Linear(text.width, embed_dim, bias=False) if model_cfg.text_proj else torch.nn.Identity()
-    model = OwlViT(image, text, text_proj, embed_dim, objectness=model_cfg.objectness)
+    info = info or {}
+    # The prompts' class names and the training templates are constructor arguments, so model.kwargs (hence every
+    # checkpoint) carries them: train_loss and image_forward see only the model, and load_model only the file.
+    model = OwlViT(
+        image,
+        text,
+        text_proj,
+        embed_dim,
+        objectness=model_cfg.objectness,
+        query_names=info.get("classnames", ()),
+        train_templates=info.get("train_templates"),
+    )
     if init_state is not None:
         _load_towers(model, init_state, init, ("image.", "text.", "text_proj."))
     if model_cfg.text_init:
@@ -197,10 +209,6 @@ def build_model(model_cfg, info=None) -> OwlViT:
         if state is None:
             raise ValueError(f"model.text_init {source} is not a contrastive checkpoint (no text tower in it)")
         _load_towers(model, state, source, ("text.", "text_proj."))
-    info = info or {}
-    # The prompts' class names and the training templates travel with the model (train_loss sees only the model).
-    model.query_names = list(info.get("classnames", []))
-    model.train_templates = list(info.get("train_templates", PROMPT_TEMPLATES_TRAIN))
     return model
 
 
@@ -231,12 +239,19 @@ def _load_towers(model: OwlViT, state: dict, source: str, prefixes: Sequence[str
 
 
 def load_model(path: str | Path) -> OwlViT:
-    """Rebuild an :class:`OwlViT` from a checkpoint the engine wrote (a file or a workdir), from the file alone."""
+    """Rebuild an :class:`OwlViT` from a checkpoint the engine wrote (a file or a workdir), from the file alone: the
+    weights and ``model_kwargs``, which hold the prompts' class names and training templates too."""
     path = resolve_checkpoint(path)
     state, meta = flexivit.read_checkpoint(path)
     kwargs = meta.get("model_kwargs") or {}
     if "objectness" not in kwargs:
         raise flexivit.CheckpointError(f"{path} is not a detection checkpoint (its model_kwargs have no 'objectness')")
+    if not kwargs.get("query_names"):
+        warnings.warn(
+            f"{path} stores no query_names (a checkpoint from before they were saved): train_loss needs them and "
+            "image_forward queries 'object'; rebuild with build_model(model_cfg, info) and load the state into it",
+            stacklevel=2,
+        )
     model = OwlViT.from_kwargs(kwargs)
     model.load_state_dict(state)
     return model
@@ -254,6 +269,11 @@ def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tu
     model = unwrap(net)
     classes = torch.unique(queries[query_valid])  # sorted class indices of this batch's valid query slots
     names, templates = model.query_names, model.train_templates
+    if not names:
+        raise ValueError(
+            "the model has no query_names (the class names its prompts name): build it with build_model(model_cfg, "
+            "info) from the task's datasets, or load a checkpoint that stores them"
+        )
     picks = torch.randint(len(templates), (len(classes),)).tolist()
     texts = [templates[t].format(names[c]) for t, c in zip(picks, classes.tolist(), strict=True)]
     if not texts:  # no image of the batch has a valid query: a degenerate batch, but still a graph for DDP
@@ -290,8 +310,7 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="flexivit-detection-") as tmp:
         out_dir = Path(val_set.results_dir or tmp)
         for patch in patch_sizes:
-            name = "x".join(map(str, sorted(set(flexivit.pi_resize.to_2tuple(patch)))))
-            path = out_dir / f"results_p{name}.rank{rank}.json"
+            path = out_dir / f"results_p{_patch_name(patch)}.rank{rank}.json"
             with ResultsWriter(path) as writer:
                 for batch_images, targets in loader:
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -303,29 +322,29 @@ def evaluate(
                         )
                         xywh = to_pixel_xywh(boxes.cpu(), batch_images.shape[-1], target["scale"], target["orig_size"])
                         writer.add(target["image_id"], category_ids[classes.cpu()].tolist(), xywh, scores.cpu())
-            # Ranks may not share a file system: the results themselves travel (300 per image, not the logits).
-            parts = distributed.all_gather_object(path.read_text())
-            if distributed.is_main():
-                merged = [entry for part in parts for entry in json.loads(part)]
-                score = lvis_evaluate if val_set.format == "lvis" else coco_evaluate
-                kwargs = {"max_dets": val_set.max_dets} if val_set.format == "lvis" else {}
-                metrics = score(val_set.gt_json, merged, image_ids=image_ids, **kwargs)
-            else:
-                metrics = {}
-            keys = LVIS_KEYS if val_set.format == "lvis" else COCO_KEYS
+            # Ranks may not share a file system: the results themselves travel (300 per image, not the logits), to
+            # the main process only, which alone scores them (at LVIS size each rank's part is hundreds of MiB).
+            parts = distributed.gather_object(path.read_text())  # None on the other ranks
+            # Scored on the main process, the metrics sent to every rank; a failure there ends every rank.
+            metrics = distributed.on_main(_score, val_set, parts, image_ids)
             # A metric the ground truth leaves undefined (no large boxes, no 'c' class: NaN) is left out.
-            defined = {k: v for k, v in _broadcast(metrics, keys).items() if not math.isnan(v)}
-            results[patch] = defined | {"n": len(images)}
+            results[patch] = {k: v for k, v in metrics.items() if not math.isnan(v)} | {"n": len(images)}
     model.train(was_training)
     return results
 
 
-def _broadcast(metrics: dict, keys: Sequence[str]) -> dict:
-    """The main process's metrics on every rank (the others contribute zeros; a no-op in one process)."""
-    if distributed.world_size() == 1:
-        return metrics
-    values = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64)
-    return dict(zip(keys, distributed.all_reduce_sum(values).cpu().tolist(), strict=True))
+def _patch_name(patch) -> str:
+    """``16`` or ``8x16`` (height x width): a name for every patch size, so no two sizes share a results file."""
+    ph, pw = flexivit.pi_resize.to_2tuple(patch)
+    return f"{ph}" if ph == pw else f"{ph}x{pw}"
+
+
+def _score(val_set: EvalSet, parts: Sequence[str], image_ids: Sequence) -> dict:
+    """LVISEval's / COCOeval's metrics of the ranks' results files' texts ``parts``, merged."""
+    merged = [entry for part in parts for entry in json.loads(part)]
+    if val_set.format == "lvis":
+        return lvis_evaluate(val_set.gt_json, merged, image_ids=image_ids, max_dets=val_set.max_dets)
+    return coco_evaluate(val_set.gt_json, merged, image_ids=image_ids)
 
 
 def token_grid(image_hw, patch) -> tuple[int, int]:

@@ -189,6 +189,11 @@ class BoxHead(nn.Module):
         return torch.sigmoid(self.mlp(tokens).float() + bias.float())
 
 
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """OWL-ViT's L2 normalisation of class embeddings: ``x / (|x| + 1e-6)`` over the last axis."""
+    return x / (x.norm(dim=-1, keepdim=True) + 1e-6)
+
+
 class ClassHead(nn.Module):
     """OWL-ViT's class head: cosine similarity of each token's embedding with each query, shifted and scaled per token.
 
@@ -211,11 +216,15 @@ class ClassHead(nn.Module):
         nn.init.constant_(self.shift.bias, math.log(0.01 / 0.99))  # logit(0.01) = -4.595
         self.scale = _dense(width, 1)
 
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> the raw (unnormalised) class embeddings (B, N, E), in float32."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            return F.linear(tokens.float(), self.proj.weight.float(), self.proj.bias.float())
+
     def embed_image(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> the normalised class embeddings (B, N, E), in float32."""
         with torch.autocast(tokens.device.type, enabled=False):
-            x = F.linear(tokens.float(), self.proj.weight.float(), self.proj.bias.float())
-            return x / (x.norm(dim=-1, keepdim=True) + 1e-6)
+            return _normalise(self.project(tokens))
 
     def shift_and_scale(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-token logit shift and scale, each (B, N, 1), in float32."""
@@ -267,7 +276,9 @@ def one_shot_query_index(pred_boxes: torch.Tensor, class_embeds: torch.Tensor, b
     """The token whose class embedding is an image-conditioned query for ``box`` (docs/reference.md §8).
 
     Among the predicted boxes (N, 4) cxcywh with IoU >= 0.8 * (the largest IoU with ``box`` (4,) cxcywh), the one
-    whose embedding (N, E) is least similar to the image's mean embedding: the most distinctive object there.
+    whose embedding (N, E) is least similar (dot product) to the image's mean embedding: the most distinctive object
+    there. Pass the raw class projections, as scenic's inference code and HF's ``embed_image_query`` do (their class
+    head returns the unnormalised ones when called without queries), not the normalised ones.
     If no prediction overlaps the box, GIoU replaces IoU (as HF does); the threshold ``max - 0.2 |max|`` is
     ``0.8 max`` for the non-negative IoU and still keeps the best box when the GIoU maximum is negative.
     """
@@ -291,13 +302,25 @@ class OwlViT(nn.Module):
         text_proj: text width -> ``embed_dim`` (``nn.Linear`` without bias, or ``nn.Identity``).
         embed_dim: the query / class embedding size.
         objectness: add OWLv2's objectness head.
+        query_names: the class names that the prompts name (index = class index of the data), and
+        train_templates: the prompt templates that training draws from (default ``PROMPT_TEMPLATES_TRAIN``). Both are
+            kept in ``kwargs``, hence in every checkpoint: the model needs them to train and to run inference
+            (``train_loss``, ``image_forward``), and a checkpoint alone must rebuild it.
 
     ``forward(images, query_embeds, query_valid, patch_size=p)`` -> dict ``logits`` (B, N, Q) float32, ``boxes``
     (B, N, 4) cxcywh in [0, 1], ``class_embeds`` (B, N, E), ``objectness`` (B, N) when enabled, ``grid`` (gh, gw).
     """
 
     def __init__(
-        self, image: FlexiViT, text: nn.Module, text_proj: nn.Module, embed_dim: int, *, objectness: bool = False
+        self,
+        image: FlexiViT,
+        text: nn.Module,
+        text_proj: nn.Module,
+        embed_dim: int,
+        *,
+        objectness: bool = False,
+        query_names: Sequence[str] = (),
+        train_templates: Sequence[str] | None = None,
     ):
         super().__init__()
         if image.head is not None:
@@ -315,6 +338,8 @@ class OwlViT(nn.Module):
             embed_dim=embed_dim,
             text_proj=isinstance(text_proj, nn.Linear),
             objectness=objectness,
+            query_names=list(query_names),
+            train_templates=list(PROMPT_TEMPLATES_TRAIN if train_templates is None else train_templates),
         )
         self.image, self.text, self.text_proj = image, text, text_proj
         self.embed_dim, self.objectness_enabled = embed_dim, objectness
@@ -324,11 +349,23 @@ class OwlViT(nn.Module):
         self.class_head = ClassHead(width, embed_dim)
         self.objectness_head = ObjectnessHead(width, gelu_approximate=gelu) if objectness else None
 
+    @property
+    def query_names(self) -> list[str]:
+        """The class names of the prompts (read-only: a checkpoint stores them through ``kwargs``)."""
+        return self.kwargs["query_names"]
+
+    @property
+    def train_templates(self) -> list[str]:
+        """The templates training prompts are drawn from (read-only, stored like ``query_names``)."""
+        return self.kwargs["train_templates"]
+
     @classmethod
-    def from_image_text(cls, model: ImageTextModel, objectness: bool = False) -> OwlViT:
+    def from_image_text(cls, model: ImageTextModel, objectness: bool = False, **prompts) -> OwlViT:
         """OWL-ViT initialised from a trained two-tower model (its image tower, text tower and text projection;
-        the image projection and the temperature are not used, docs/reference.md §8)."""
-        return cls(model.image, model.text, model.text_proj, model.kwargs["embed_dim"], objectness=objectness)
+        the image projection and the temperature are not used, docs/reference.md §8); ``prompts``:
+        ``query_names`` / ``train_templates``."""
+        embed_dim = model.kwargs["embed_dim"]
+        return cls(model.image, model.text, model.text_proj, embed_dim, objectness=objectness, **prompts)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> OwlViT:
@@ -336,7 +373,16 @@ class OwlViT(nn.Module):
         text = build_text_tower(**kwargs["text"])
         embed_dim = kwargs["embed_dim"]
         text_proj = nn.Linear(text.width, embed_dim, bias=False) if kwargs["text_proj"] else nn.Identity()
-        return cls(FlexiViT(**kwargs["image"]), text, text_proj, embed_dim, objectness=kwargs["objectness"])
+        return cls(
+            FlexiViT(**kwargs["image"]),
+            text,
+            text_proj,
+            embed_dim,
+            objectness=kwargs["objectness"],
+            # Checkpoints written before the prompts travelled with the model have neither: no names, default templates.
+            query_names=kwargs.get("query_names", ()),
+            train_templates=kwargs.get("train_templates"),
+        )
 
     # ------------------------------------------------------------------ image side
 
@@ -400,8 +446,10 @@ class OwlViT(nn.Module):
             raise ValueError(f"box must be (4,) normalised cxcywh, got shape {tuple(box.shape)}")
         features = self.image_features(images, patch_size)
         boxes = self._boxes(images, features)[0]  # (N, 4)
-        class_embeds = self.class_head.embed_image(features["tokens"])[0]  # (N, E)
-        return class_embeds[one_shot_query_index(boxes, class_embeds, box)]
+        raw = self.class_head.project(features["tokens"])[0]  # (N, E): the reference selects on these
+        # Returned normalised, like every image class embedding (``class_embeds``) and every query this head takes.
+        with torch.autocast(raw.device.type, enabled=False):
+            return _normalise(raw)[one_shot_query_index(boxes, raw, box)]
 
     # ------------------------------------------------------------------ text side
 
