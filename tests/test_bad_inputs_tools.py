@@ -145,10 +145,10 @@ CLI_CASES = [
     ("eval-empty-patch-sizes", eval_tool.main, ["--workdir", "{no_sizes}", "--no-timing"], 1,
      ["eval.patch_sizes of no_sizes's config is empty", "--patch-sizes"]),
     ("eval-other-architecture", eval_tool.main, ["--checkpoint", "{other}", "--config", CONFIG, "--no-timing"], 1,
-     ["wide.safetensors", "48) in the file but", "32) in the model", "more", "--config"]),
+     ["wide.safetensors", "of another shape", "file (48,", "vs model (32,", "more", "--config"]),
     *[
         (f"{name}-corrupt-config", entry, ["--workdir", "{broken}", *rest], 1,
-         ["broken/config.json", "not valid JSON", "--config"])
+         ["broken/config.json", "is not a readable JSON config", "--config"])
         for name, entry, rest in [
             ("eval", eval_tool.main, []),
             ("deploy", deploy.main, ["--budget-ms", "5"]),

@@ -110,7 +110,7 @@ def test_a_corrupt_config_json_is_named_and_the_run_resumes_with_its_config(trai
     before = snapshot(workdir)
     code, err = run_cli(["--workdir", str(workdir), "--resume"], capsys)
     assert code == 2 and f"{workdir / 'config.json'} is not a readable JSON config" in err
-    assert "pass the run's --config again" in err and snapshot(workdir) == before
+    assert "give the config the run was trained with" in err and snapshot(workdir) == before
     train.main(["--workdir", str(workdir), "--resume", "--config", RUNLOCAL])  # the way out it names
     assert json.loads((workdir / "config.json").read_text())["task"] == "classification"
 
