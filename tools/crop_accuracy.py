@@ -5,7 +5,7 @@
 Each ground-truth thing box of the validation split (LVIS JSON) is cut out as the square around its centre with the
 box's longer side, resized to the classifier's training size and classified at one patch size. It tells whether a
 backbone's knowledge can transfer to a scene style (docs/detection.md: 33 % on the segmentation demo's tinted,
-textured scenes, 70 % on untinted items on black, for the main job's model).
+textured scenes, 66 % on untinted items on black, for the main job's model).
 """
 
 from __future__ import annotations
