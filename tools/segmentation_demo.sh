@@ -5,7 +5,7 @@
 #   fast transfer  fixed at the largest patch size, 16 (the cheapest), then evaluated at all sizes (paper Fig. 8)
 #   fast transfer + consistency   the same, with predictions at a random other size pulled towards those at 16
 # all evaluated at every patch size (mIoU, GFLOPs, img/s: runs/segmentation_eval/sweep.{csv,md,png}).
-#   bash tools/segmentation_demo.sh          (about 25 minutes on 2 CPU cores; interrupted runs resume)
+#   bash tools/segmentation_demo.sh          (about 15 minutes on 2 CPU cores after the main job's ~13; interrupted runs resume)
 source "$(dirname "$0")/demo_env.sh"  # repository root, $py, the main job's backbone
 # The data: 2000 + 200 generated scenes in the ADE20k layout (plus COCO / LVIS / panoptic annotations), ~15 s.
 if [ ! -f data/scenes/scenes.json ]; then

@@ -1,6 +1,6 @@
 """The embedded default: FlexiViT-mu transferred to semantic segmentation of scenes made of real Fashion-MNIST items.
 
-    bash tools/segmentation_demo.sh      # scenes, both runs below, and the patch-size sweep (docs/segmentation.md)
+    bash tools/segmentation_demo.sh      # scenes, the runs below (+ consistency), the sweep (docs/segmentation.md)
     python -m tools.make_scenes --out data/scenes --num-train 2000 --num-val 200 --seed 0
     python -m tools.train --config configs/segmentation/scenes.py --workdir runs/seg_scenes_flexi
     python -m tools.train --config configs/segmentation/scenes.py:fixed=16 --workdir runs/seg_scenes_p16
@@ -23,8 +23,8 @@ flexible, which is what fast transfer needs (docs/reference.md §12). In 600-ste
 initialisation at every size (mIoU p16 / p8 / p4: .182 / .209 / .208 vs .163 / .176 / .163), and a fixed-size run
 from scratch could not be expected to transfer across sizes at all (paper Fig. 3).
 
-Measured (one seed, 2 CPU cores, docs/segmentation.md): mIoU at 16 / 12 / 8 / 6 / 4, flexified .209 / .221 / .225 /
-.226 / .226 (6 min); fixed at 16 .241 / .253 / .229 / .106 / .079 (1.3 min).
+Measured (one seed, 2 CPU cores, docs/segmentation.md): mIoU at 16 / 12 / 8 / 6 / 4, flexified .207 / .221 / .225 /
+.226 / .227 (5.4 min); fixed at 16 .239 / .242 / .218 / .094 / .076 (2.0 min).
 """
 
 from configs.segmentation.common import apply_common_args, base_config, parse_arg
