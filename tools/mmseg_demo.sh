@@ -3,7 +3,7 @@
 # trained with mmseg's own tools/train.py (a random patch size per iteration), then tested with its tools/test.py at
 # every patch size (model.backbone.test_patch_size). Needs the mmseg stack, the main job's backbone and the scenes:
 #   bash tools/install_mmseg.sh; bash tools/segmentation_demo.sh (or bash tools/main.sh + tools.make_scenes)
-#   bash tools/mmseg_demo.sh            (about 10 minutes on 2 CPU cores)
+#   bash tools/mmseg_demo.sh            (about 6 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
