@@ -21,6 +21,12 @@ def tiling_patch_sizes(image_size: int, smallest: int = 1, largest: int | None =
     return tuple(p for p in range(largest, smallest - 1, -1) if image_size % p == 0)
 
 
+def patch_size_name(patch) -> str:
+    """``"16"`` or ``"8x16"`` (height x width): a name that tells every patch size apart, e.g. in file names."""
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return str(ph) if ph == pw else f"{ph}x{pw}"
+
+
 def _rng(seed: int, step: int) -> np.random.Generator:
     # SeedSequence mixes both integers: neighbouring steps and seeds give independent streams.
     return np.random.default_rng([seed, step])

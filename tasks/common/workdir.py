@@ -122,7 +122,7 @@ def cut_logs(workdir: str | Path, step: int) -> None:
         if not path.exists():
             continue
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+        kept = [line for line in lines if (at := _record_step(line)) is not None and at <= step]
         if len(kept) != len(lines):
             atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
     evaluation = workdir / "eval.json"

@@ -22,6 +22,7 @@ import torch
 
 import flexivit
 from tasks.common.datasets import build_dataset, require_examples, take
+from tasks.common.distributed import unwrap
 from tasks.common.train_state import resolve_checkpoint
 from tasks.common.transforms import as_value_range, eval_transform, train_transform
 
@@ -116,13 +117,6 @@ def build_model(model_cfg, info=None) -> ImageTextModel:
         temperature_init=model_cfg.temperature_init,
         bias_init=model_cfg.bias_init if model_cfg.loss == "sigmoid" else None,
     )
-
-
-def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel and torch.compile wrappers."""
-    while (inner := getattr(net, "module", None) or getattr(net, "_orig_mod", None)) is not None:
-        net = inner
-    return net
 
 
 def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:

@@ -30,7 +30,6 @@ from tasks.common import distributed
 from tasks.common.loader import JointTransform
 from tasks.common.train_state import resolve_checkpoint
 from tasks.common.transforms import as_value_range
-from tasks.contrastive import unwrap
 from tasks.contrastive.model import build_text_tower
 from tasks.segmentation import ensure_generated
 
@@ -266,7 +265,7 @@ def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tu
     if teacher is not None:
         raise ValueError("detection has no distillation: set distill=None")
     images, boxes, box_valid, labels, queries, query_valid = batch
-    model = unwrap(net)
+    model = distributed.unwrap(net)
     classes = torch.unique(queries[query_valid])  # sorted class indices of this batch's valid query slots
     names, templates = model.query_names, model.train_templates
     if not names:
@@ -310,7 +309,7 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="flexivit-detection-") as tmp:
         out_dir = Path(val_set.results_dir or tmp)
         for patch in patch_sizes:
-            path = out_dir / f"results_p{_patch_name(patch)}.rank{rank}.json"
+            path = out_dir / f"results_p{flexivit.patch_sizes.patch_size_name(patch)}.rank{rank}.json"
             with ResultsWriter(path) as writer:
                 for batch_images, targets in loader:
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -331,12 +330,6 @@ def evaluate(
             results[patch] = {k: v for k, v in metrics.items() if not math.isnan(v)} | {"n": len(images)}
     model.train(was_training)
     return results
-
-
-def _patch_name(patch) -> str:
-    """``16`` or ``8x16`` (height x width): a name for every patch size, so no two sizes share a results file."""
-    ph, pw = flexivit.pi_resize.to_2tuple(patch)
-    return f"{ph}" if ph == pw else f"{ph}x{pw}"
 
 
 def _score(val_set: EvalSet, parts: Sequence[str], image_ids: Sequence) -> dict:

@@ -150,15 +150,9 @@ def evaluate_pq(predict, val_set: EvalSet, patch_sizes, device, batch_size: int 
                     prediction = (record.image_id, record.image.name, maps[0].numpy(), maps[1].numpy())
                     encoded.append((index, *encode_prediction(*prediction, dataset.category_ids)))
             parts = distributed.gather_object(encoded)  # the main process alone holds every image's PNG
-            out = Path(results_dir or tmp) / f"p{_name(patch)}"
+            out = Path(results_dir or tmp) / f"p{flexivit.patch_sizes.patch_size_name(patch)}"
             results[patch] = distributed.on_main(_score, parts, val_set, out)
     return results
-
-
-def _name(patch) -> str:
-    """``16`` or ``8x16``: a file name that tells every patch size apart."""
-    h, w = flexivit.pi_resize.to_2tuple(patch)
-    return str(h) if h == w else f"{h}x{w}"
 
 
 def _score(parts: list, val_set: EvalSet, out: Path) -> dict:
