@@ -450,3 +450,20 @@ def write_cityscapes_style(scenes_root: str | Path, out: str | Path, city: str =
         if not out.exists():
             raise
     return out
+
+
+def ensure_generated(name: str, root: str | Path, generate) -> None:
+    """Write generated scenes at ``root`` when it is missing and ``generate`` (scene settings) is given.
+
+    ``ade20k`` / ``folder`` get the ADE-style scenes themselves; ``cityscapes`` a Cityscapes-layout copy of them.
+    """
+    if not generate or Path(root).exists():
+        return
+    settings = dict(generate)
+    counts = {k: settings.pop(k) for k in ("num_train", "num_val", "seed")}
+    spec = SceneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    scenes = Path(f"{root}.scenes") if name == "cityscapes" else Path(root)
+    if not scenes.exists():
+        write_scenes(scenes, spec=spec, **counts)
+    if name == "cityscapes":
+        write_cityscapes_style(scenes, root)

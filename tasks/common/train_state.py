@@ -40,10 +40,12 @@ def resolve_checkpoint(path: str | Path) -> str:
     return str(path)
 
 
-def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config, keep: int = 2) -> Path:
+def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config, keep: int = 2, info=None) -> Path:
     """Write ``checkpoints/ckpt_{step}.pt`` durably (temp file, fsync, rename), then delete all but the last ``keep``.
 
     Older checkpoints are deleted only once the new one is on disk, so a crash at any moment leaves a readable one.
+    Besides the training state it holds what rebuilds the model for inference alone (tasks.load_run): the model's
+    constructor arguments, the resolved config and the task's ``info`` (class names, category metadata, ...).
     """
     state = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -53,12 +55,22 @@ def save_train_state(workdir, step, model, optimizer, scheduler, scaler, config,
         "scaler": scaler.state_dict(),
         "step": step,
         "config": config.to_json(),
+        "info": info,
     }
     path = Path(workdir) / "checkpoints" / f"ckpt_{step:08d}.pt"
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in checkpoints(workdir)[:-keep] if keep > 0 else []:
         old.unlink()
     return path
+
+
+def read_run_checkpoint(path: str | Path) -> tuple[str | None, object]:
+    """``(config JSON, task info)`` of a checkpoint :func:`save_train_state` wrote; ``None`` for what it lacks (a
+    saved model file has neither; a checkpoint from before they were saved has no info)."""
+    state = torch_load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (a {type(state).__name__}, not a dict)")
+    return state.get("config"), state.get("info")
 
 
 class CheckpointMismatchError(ValueError):

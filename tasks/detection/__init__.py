@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Subset
 import flexivit
 from tasks.common import distributed
 from tasks.common.loader import JointTransform
+from tasks.common.scenes import ensure_generated
 from tasks.common.train_state import resolve_checkpoint
 from tasks.common.transforms import as_value_range
 from tasks.contrastive.model import build_text_tower
-from tasks.segmentation import ensure_generated
 
 from . import data as det_data
 from .evaluation import (

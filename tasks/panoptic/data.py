@@ -98,7 +98,7 @@ def build_datasets(data, distill=None) -> tuple:
     first when ``data.generate`` is set and the folder is missing."""
     if distill:
         raise ValueError("panoptic has no distillation: set distill=None")
-    from tasks.segmentation import ensure_generated
+    from tasks.common.scenes import ensure_generated
 
     ensure_generated("ade20k", data.root, data.generate)  # the scenes are written in every format at once
     value_range = as_value_range(data.value_range)

@@ -25,7 +25,7 @@ import flexivit
 from tasks.common import distributed
 from tasks.common.loader import JointTransform
 from tasks.common.losses import consistency_loss
-from tasks.common.scenes import SceneSpec, write_cityscapes_style, write_scenes
+from tasks.common.scenes import ensure_generated
 from tasks.common.train_state import resolve_checkpoint
 from tasks.common.transforms import as_value_range
 
@@ -56,23 +56,6 @@ __all__ = [
 
 def _pair_or_none(value) -> tuple[int, int] | None:
     return None if value is None else tuple(value)
-
-
-def ensure_generated(name: str, root: str | Path, generate) -> None:
-    """Write generated scenes at ``root`` when it is missing and ``generate`` (scene settings) is given.
-
-    ``ade20k`` / ``folder`` get the ADE-style scenes themselves; ``cityscapes`` a Cityscapes-layout copy of them.
-    """
-    if not generate or Path(root).exists():
-        return
-    settings = dict(generate)
-    counts = {k: settings.pop(k) for k in ("num_train", "num_val", "seed")}
-    spec = SceneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-    scenes = Path(f"{root}.scenes") if name == "cityscapes" else Path(root)
-    if not scenes.exists():
-        write_scenes(scenes, spec=spec, **counts)
-    if name == "cityscapes":
-        write_cityscapes_style(scenes, root)
 
 
 def build_datasets(data, distill=None) -> tuple:
