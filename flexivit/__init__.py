@@ -7,9 +7,10 @@
 (torch.Size([2, 10]), torch.Size([2, 10]))
 """
 
-from .checkpoint import RELEASES, CheckpointError, load_model, read_checkpoint, save_model
+from .checkpoint import load_model, read_checkpoint, save_model
 from .deploy import fix_patch_size, to_timm
-from .model import FlexiViT
+from .files import CheckpointError
+from .model import FlexiViT, in_eval_mode
 from .patch_sizes import (
     PAPER_PATCH_SIZES,
     CurriculumSampler,
@@ -21,10 +22,12 @@ from .patch_sizes import (
 )
 from .pi_resize import bilinear_resize_patch_embed, pi_resize_patch_embed, resize_posemb
 from .registry import VARIANTS, create_model, list_models, register_model
+from .releases import RELEASES
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "in_eval_mode",
     "PAPER_PATCH_SIZES",
     "RELEASES",
     "VARIANTS",

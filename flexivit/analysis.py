@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import Attention, FlexiViT, PatchSize
+from .model import Attention, FlexiViT, PatchSize, in_eval_mode
 from .pi_resize import to_2tuple
 
 # ---------------------------------------------------------------------------------------------------- CKA
@@ -154,6 +154,7 @@ def _recorded_attention(model: FlexiViT):
             del module.forward  # back to the class's method
 
 
+@in_eval_mode
 def attention_relevance(
     model: FlexiViT, images: torch.Tensor, patch_size: PatchSize, target: Sequence[int] | None = None
 ) -> torch.Tensor:
@@ -161,8 +162,6 @@ def attention_relevance(
     to 1. ``target``: the class per image (default: the predicted one). Needs a class token and a head."""
     if model.cls_token is None or model.head is None:
         raise ValueError("attention relevance needs a class token and a classification head")
-    was_training = model.training
-    model.eval()
     with torch.enable_grad(), _recorded_attention(model) as records:
         x = images.detach().requires_grad_(False)
         logits = model(x, patch_size=patch_size)
@@ -174,7 +173,6 @@ def attention_relevance(
             cam = (attn.grad * attn).clamp(min=0).mean(1)  # (B, T, T)
             relevance = relevance + cam @ relevance
     model.zero_grad(set_to_none=True)
-    model.train(was_training)
     ph, pw = model.resolve_patch_size(images.shape[-2:], patch_size)
     gh, gw = images.shape[-2] // ph, images.shape[-1] // pw
     row = relevance[:, 0, model.num_prefix_tokens :].detach()

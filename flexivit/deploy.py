@@ -4,7 +4,7 @@ A flexible model resizes its patch-embedding kernel (PI-resize, Sec. 3.4) and it
 in every forward pass. Once a deployment has chosen its patch size and image size, both resizes always give the
 same result, so :func:`fix_patch_size` computes them once and stores them as the new model's underlying sizes:
 
->>> fast = fix_patch_size(model, 16, 240)   # kernel 16x16, position grid 15x15
+>>> fast = fix_patch_size(model, patch_size=16, image_size=240)   # kernel 16x16, position grid 15x15
 >>> torch.equal(fast(images), model(images, patch_size=16))   # for 240 px images
 True
 
@@ -84,7 +84,7 @@ def fix_patch_size(model: FlexiViT, patch_size: PatchSize, image_size: int | Seq
 def to_timm(model: FlexiViT, patch_size: PatchSize, image_size: int | Sequence[int]) -> tuple[dict, dict]:
     """``(state_dict, kwargs)`` of a plain timm ``VisionTransformer`` that computes ``model`` at one patch size:
 
-    >>> state, kwargs = to_timm(model, 16, 240)
+    >>> state, kwargs = to_timm(model, patch_size=16, image_size=240)
     >>> vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)   # the kwargs set every shape
     >>> vit.load_state_dict(state)
 

@@ -7,10 +7,16 @@ grid, so "ViT vs FlexiViT" comparisons run through one code path.
 
 Module and parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``blocks.N.attn.qkv``,
 ...) so that state dicts map onto each other without renaming.
+
+This file is the computation as the paper writes it. Where a CPU computes the same thing faster another way (the
+patch embedding as one GEMM, attention written out for bf16 training, GELU and residuals in place without
+autograd), the module calls the function of :mod:`flexivit.fast_paths` that does so; each is tested equal to the
+plain expression it stands for.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -19,22 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .pi_resize import (
-    PI_CACHE,
-    Size,
-    bilinear_resize_patch_embed,
-    pi_resize_patch_embed,
-    resize_posemb,
-    to_2tuple,
-)
+from . import fast_paths
+from .pi_resize import Size, bilinear_resize_patch_embed, pi_resize_patch_embed, resize_posemb, to_2tuple
 
 PatchSize = int | Sequence[int]
 
-# The largest MLP activation a no-grad block allocates on CPU at once (see Block.forward).
-_CPU_ACTIVATION_BYTES = 16 * 2**20
-
 
 class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's names)."""
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
@@ -46,32 +45,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype != torch.float32:
-            # Training under bf16 autocast on CPU: the fused (flash) kernel's backward is slow there, and so is the
-            # math kernel's masking overhead; attention written out trains 1.3-2x faster per step (measured on
-            # flexivit_mu at batch 128, patch 16..4, AMX CPU; docs/main_job.md). Inference and fp32 keep the fused
-            # kernel, which is the faster one for them.
-            x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        if fast_paths.writes_out_attention(q):  # training under bf16 autocast on CPU
+            x = fast_paths.written_out_attention(q, k, v)
         else:
-            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+            x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v: (B, heads, T, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, gelu_approximate: str):
+    """The block's two-layer MLP with GELU."""
+
+    def __init__(self, dim: int, hidden: int, gelu_approximate: str = "tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate=gelu_approximate)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)  # (B, N, hidden): the block's largest activation
-        if torch.is_grad_enabled():
-            return self.fc2(self.act(x))
-        # Without autograd nothing needs the pre-activation, so apply GELU in place: one (B, N, 4D) tensor fewer to
-        # allocate and write (on CPU, touching fresh memory costs page faults; measured: the MLP of S/16 at batch 8
-        # runs ~15% faster). Same values: the in-place op is the same kernel (and autocast leaves GELU alone).
-        return self.fc2(torch.ops.aten.gelu_(x, approximate=self.act.approximate))
+        if fast_paths.takes_no_grad_paths():
+            return fast_paths.mlp_no_grad(self, x)  # the same values, GELU applied in place
+        return self.fc2(self.act(self.fc1(x)))  # (B, N, D) -> (B, N, hidden) -> (B, N, D)
 
 
 class DropPath(nn.Module):
@@ -91,42 +84,28 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer encoder block."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, norm_eps, gelu_approximate, drop_path):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        gelu_approximate: str = "tanh",
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate)
+        self.mlp = Mlp(dim, hidden=int(dim * mlp_ratio), gelu_approximate=gelu_approximate)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or (self.training and self.drop_path.rate > 0):
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        # Without autograd, on CPU: a batch whose (B, N, 4D) MLP activation would be large runs in groups of
-        # images. Every op of a block is per image or per token, so only the GEMMs' rounding can differ. glibc
-        # serves allocations above 32 MiB with fresh mmap'd pages that must be faulted in on every call; measured
-        # on S at batch 8 (one thread): patch 8 and 10 forwards ~5% faster, patch >= 12 unchanged.
-        groups = math.ceil(
-            x.shape[0] * x.shape[1] * self.mlp.fc1.out_features * x.element_size() / _CPU_ACTIVATION_BYTES
-        )
-        if x.device.type == "cpu" and groups > 1:
-            return torch.cat([self._forward_no_grad(part) for part in x.tensor_split(min(groups, x.shape[0]))])
-        return self._forward_no_grad(x)
-
-    def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
-        x = _add_residual(x, self.attn(self.norm1(x)))
-        return _add_residual(x, self.mlp(self.norm2(x)))
-
-
-def _add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``x + branch`` without autograd, in ``x``'s dtype (the residual stream stays float32 under autocast).
-
-    When the dtypes agree the residual is added into the branch output (a fresh tensor that nothing else holds)
-    instead of allocating a third (B, N, D) tensor; bitwise the same, floating-point addition commutes. ``x`` itself
-    is never written: the caller may keep it (``return_blocks``).
-    """
-    return branch.add_(x) if branch.dtype == x.dtype else x + branch
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        if fast_paths.takes_no_grad_paths() and not (self.training and self.drop_path.rate > 0):
+            return fast_paths.block_no_grad(self, x)  # the same values, in less memory
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class FlexiPatchEmbed(nn.Module):
@@ -149,53 +128,14 @@ class FlexiPatchEmbed(nn.Module):
         return resize(self.proj.weight, patch_size)
 
     def forward(self, images: torch.Tensor, patch_size: Size) -> torch.Tensor:
-        # A border that the patches do not tile is dropped, exactly as the strided conv of the reference does
-        # (paper footnote 3; big_vision computes patch = image // grid). (B, C, H, W) -> (B, D, gh, gw)
-        #
-        # The conv with stride == kernel is computed as what it is, one GEMM over the non-overlapping patches,
-        # rather than with F.conv2d: the kernel is a new tensor in every call, and on CPU oneDNN re-packs a new
-        # conv weight into freshly allocated memory each time (~5,000 page faults per call at patch 48 for S), while
-        # at patch 8 its conv is 2x slower than the GEMM. Same sums; the FLOP count is that of the conv.
-        (ph, pw), (B, C, H, W) = patch_size, images.shape
-        gh, gw = H // ph, W // pw
-        patches = images[:, :, : gh * ph, : gw * pw].reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-        if self._resize_patches((ph, pw), B * gh * gw):
-            patches, kernel = self._pi_resize_patches(patches), self.proj.weight.transpose(-1, -2)
-        else:
-            kernel = self.resized_weight(patch_size)
-        patches = patches.reshape(B * gh * gw, -1)  # (B*N, C*kernel area)
-        kernel = kernel.reshape(self.proj.out_channels, -1)  # (D, C*kernel area)
-        if self.proj.bias is None:
-            x = patches @ kernel.T
-        else:
-            x = torch.addmm(self.proj.bias, patches, kernel.T)  # (B*N, D)
-        # (B, D, gh, gw) as a view of the (B, N, D) result: the caller's flatten + transpose back is free.
-        return x.view(B, gh, gw, -1).permute(0, 3, 1, 2)
+        """(B, C, H, W) -> (B, D, gh, gw): the strided conv of Algorithm 1 with the kernel resized to ``patch_size``.
 
-    def _resize_patches(self, patch: Size, num_patches: int) -> bool:
-        """Whether bringing the patches down to the kernel costs fewer multiply-adds than the kernel up to them.
-
-        PI-resize is linear, ``PI(w) = R_h w R_w^T``, so a token ``<x, PI(w)> = <R_h^T x R_w, w>``: above the
-        underlying size (patch 40 and 48 from 32) the patches can be resized instead of the kernel. The GEMM then
-        runs at the kernel's size (K = C*32*32 instead of C*48*48), which for S at patch 48 more than halves the
-        patch embedding's work. Same tokens up to float rounding; counted per input channel.
+        That is ``F.conv2d(images, self.resized_weight(patch_size), self.proj.bias, stride=patch_size)``; a border
+        that the patches do not tile is dropped, as the strided conv of the reference does (paper footnote 3;
+        big_vision computes patch = image // grid). It is computed as one GEMM over the patches, which is what the
+        conv is, and above the underlying size by resizing the patches rather than the kernel (fast_paths).
         """
-        (ph, pw), (kh, kw) = patch, self.proj.weight.shape[-2:]
-        if self.kernel_resize != "pi" or ph < kh or pw < kw or (ph, pw) == (kh, kw):
-            return False
-        dim = self.proj.out_channels
-        kernel_up = dim * (ph * kh * kw + ph * kw * pw) + num_patches * ph * pw * dim
-        patches_down = num_patches * (ph * pw * kw + kw * ph * kh) + num_patches * kh * kw * dim
-        return patches_down < kernel_up
-
-    def _pi_resize_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """(..., ph, pw) patches -> (..., kw, kh): ``(R_h^T x R_w)^T``, the transpose keeping both matmuls 2-D GEMMs."""
-        rows, cols = PI_CACHE.get(
-            (tuple(self.proj.weight.shape[-2:]), tuple(patches.shape[-2:])), patches.dtype, patches.device
-        )
-        # In the input's dtype even under autocast, as the kernel resize (flexivit/pi_resize.py).
-        with torch.autocast(patches.device.type, enabled=False):
-            return (patches @ cols).transpose(-1, -2) @ rows  # (..., ph, kw) -> (..., kw, ph) -> (..., kw, kh)
+        return fast_paths.patch_embed(self, images, patch_size)
 
 
 class FlexiViT(nn.Module):
@@ -253,14 +193,25 @@ class FlexiViT(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = FlexiPatchEmbed(
-            to_2tuple(base_patch_size, "base_patch_size"), in_chans, width, kernel_resize
+            to_2tuple(base_patch_size, "base_patch_size"), in_chans=in_chans, dim=width, kernel_resize=kernel_resize
         )
         # Stored flat as (1, gh*gw, D), the layout of big_vision and timm checkpoints.
         self.pos_embed = nn.Parameter(torch.empty(1, math.prod(self.posemb_grid), width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, steps=depth).tolist()
         self.blocks = nn.Sequential(
-            *(Block(width, num_heads, mlp_ratio, qkv_bias, norm_eps, gelu_approximate, r) for r in rates)
+            *(
+                Block(
+                    width,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    norm_eps=norm_eps,
+                    gelu_approximate=gelu_approximate,
+                    drop_path=rate,
+                )
+                for rate in rates
+            )
         )
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         self.head = nn.Linear(width, num_classes) if num_classes else None
@@ -334,6 +285,8 @@ class FlexiViT(nn.Module):
         ``return_blocks`` (True for all, or a list of block indices, negative counting from the end) a list
         ``blocks`` of raw block outputs (B, prefix + N, D), the class token first.
         """
+        # Algorithm 1: patchify with the PI-resized kernel, add the resized position embedding, prepend the class
+        # token, run the blocks, normalise, pool.
         patch = self.resolve_patch_size(images.shape[-2:], patch_size, grid)
         x = self.patch_embed(images, patch)  # (B, D, gh, gw)
         grid_hw = (x.shape[-2], x.shape[-1])
@@ -384,8 +337,9 @@ class FlexiViT(nn.Module):
     # ------------------------------------------------------------------ utilities
 
     def reset_classifier(self, num_classes: int, zero_init: bool = True) -> None:
-        """Replace the head (transfer to a new label set); 0 removes it."""
-        self.num_classes = num_classes
+        """Replace the head (transfer to a new label set); 0 removes it. The constructor arguments follow, so a
+        saved checkpoint rebuilds the model with this head."""
+        self.num_classes = self.kwargs["num_classes"] = num_classes
         self.head = nn.Linear(self.width, num_classes).to(self.pos_embed.device) if num_classes else None
         if self.head is not None:
             if zero_init:
@@ -398,3 +352,20 @@ class FlexiViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
+
+
+def in_eval_mode(fn):
+    """Decorator: ``fn(model, ...)`` runs with ``model`` in eval mode (no dropout, no stochastic depth), and the
+    mode it had is put back afterwards, also when ``fn`` raises: evaluation in the middle of training leaves the
+    model training."""
+
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return run

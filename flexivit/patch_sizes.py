@@ -70,7 +70,7 @@ class UniformSampler(WeightedSampler):
     """One size per step, uniformly from ``sizes`` (the paper's default)."""
 
     def __init__(self, sizes: Sequence[int] = PAPER_PATCH_SIZES, seed: int = 0):
-        super().__init__(sizes, None, seed)
+        super().__init__(sizes, weights=None, seed=seed)
 
 
 class CurriculumSampler:

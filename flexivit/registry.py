@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint import load_state_dict, read_pretrained
+from .convert import flexify_state_dict, stored_pooling, stored_sizes
 from .model import FlexiViT
+from .releases import default_release
 
 # Transformer shapes of the ViT family (Dosovitskiy et al.; Zhai et al. for "mu").
 VARIANTS: dict[str, dict] = {
@@ -72,18 +75,16 @@ def create_model(
     kwargs = model_kwargs(name)
     if pretrained is None or pretrained is False or pretrained == "":
         return FlexiViT(**{**kwargs, **overrides})
-    from . import checkpoint  # local import: checkpoint imports the model module
-
     if pretrained is True:
-        pretrained = checkpoint.default_release(name)
-    sd, meta, path = checkpoint.read_pretrained(pretrained)
+        pretrained = default_release(name)
+    sd, meta, path = read_pretrained(pretrained)
     if "num_classes" not in overrides:  # like timm: keep the checkpoint's head unless told otherwise
         kwargs["num_classes"] = sd["head.bias"].shape[0] if "head.bias" in sd else 0
-    kwargs.update(checkpoint.stored_pooling(sd, meta))  # e.g. big_vision's "gap": no class token in the file
+    kwargs.update(stored_pooling(sd, meta))  # e.g. big_vision's "gap": no class token in the file
     if not resize_to_model:
-        kwargs.update(checkpoint.stored_sizes(sd, meta))
+        kwargs.update(stored_sizes(sd, meta))
     model = FlexiViT(**{**kwargs, **overrides})
-    checkpoint.load_state_dict(model, checkpoint.flexify_state_dict(sd, model, source=str(path)), source=str(path))
+    load_state_dict(model, flexify_state_dict(sd, model, source=str(path)), source=str(path))
     return model
 
 

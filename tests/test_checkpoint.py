@@ -1,5 +1,6 @@
 """Checkpoint loading: big_vision .npz parity with timm's own loader, timm state dicts, own round trips, safety."""
 
+import io
 import os
 import pickle
 import re
@@ -17,6 +18,8 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 
 import flexivit
 from flexivit import checkpoint as ckpt
+from flexivit import convert, releases
+from flexivit.files import CheckpointError
 
 SHAPE = dict(width=32, depth=2, num_heads=2, mlp_ratio=2.0)  # mlp 64, matching random_big_vision_params()
 PAPER_SIZES = flexivit.PAPER_PATCH_SIZES
@@ -80,7 +83,7 @@ def test_npz_small_grids_use_antialiased_posemb(npz_path, images, patch):
 
 def test_npz_layout_variants_load_identically(tmp_path):
     params = random_big_vision_params()
-    reference = ckpt.convert_big_vision(params)
+    reference = convert.convert_big_vision(params)
     variants = {
         "plain.npz": params,
         "opt.npz": {"opt/target/" + k: v for k, v in params.items()},
@@ -109,15 +112,15 @@ def test_npz_errors_name_the_key(tmp_path):
     params = random_big_vision_params()
     del params["Transformer/encoderblock_1/MlpBlock_0/Dense_0/bias"]
     np.savez(tmp_path / "missing.npz", **params)
-    with pytest.raises(ckpt.CheckpointError, match="Dense_0/bias"):
+    with pytest.raises(CheckpointError, match="Dense_0/bias"):
         flexivit.create_model("flexivit_base", pretrained=tmp_path / "missing.npz", **SHAPE)
     params = random_big_vision_params()
     params["pre_logits/kernel"] = np.zeros((32, 32), np.float32)
     np.savez(tmp_path / "extra.npz", **params)
-    with pytest.raises(ckpt.CheckpointError, match="no place for.*pre_logits/kernel"):
+    with pytest.raises(CheckpointError, match="no place for.*pre_logits/kernel"):
         flexivit.create_model("flexivit_base", pretrained=tmp_path / "extra.npz", **SHAPE)
     np.savez(tmp_path / "deep.npz", **random_big_vision_params(depth=3))
-    with pytest.raises(ckpt.CheckpointError, match="blocks.2"):
+    with pytest.raises(CheckpointError, match="blocks.2"):
         flexivit.create_model("flexivit_base", pretrained=tmp_path / "deep.npz", **SHAPE)
 
 
@@ -147,7 +150,7 @@ def test_npz_with_map_pooling_is_named_not_listed(tmp_path):
     params["MAPHead_0/probe"] = np.zeros((1, 1, 32), np.float32)
     params["MAPHead_0/LayerNorm_0/scale"] = np.ones(32, np.float32)
     np.savez(tmp_path / "map.npz", **params)
-    with pytest.raises(ckpt.CheckpointError, match=r"map\.npz: .*pool_type='map'.*MAPHead_0/") as error:
+    with pytest.raises(CheckpointError, match=r"map\.npz: .*pool_type='map'.*MAPHead_0/") as error:
         flexivit.create_model("flexivit_base", pretrained=tmp_path / "map.npz", **SHAPE)
     assert "missing" not in str(error.value)
 
@@ -157,13 +160,13 @@ def test_a_class_token_that_the_file_lacks_is_explained(tmp_path):
     del params["cls"]
     np.savez(tmp_path / "gap.npz", **params)
     model = flexivit.create_model("flexivit_base", **SHAPE, num_classes=5)  # pool "tok": needs a class token
-    with pytest.raises(ckpt.CheckpointError, match="no class token.*pool='gap', class_token=False"):
+    with pytest.raises(CheckpointError, match="no class token.*pool='gap', class_token=False"):
         ckpt.load_pretrained(model, tmp_path / "gap.npz")
 
 
 def test_npz_object_arrays_are_refused(tmp_path):
     np.savez(tmp_path / "obj.npz", **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
-    with pytest.raises(ckpt.CheckpointError, match="pickled"):
+    with pytest.raises(CheckpointError, match="pickled"):
         ckpt.read_checkpoint(tmp_path / "obj.npz")
 
 
@@ -285,7 +288,7 @@ def test_resize_to_model_is_explicit_and_warns(tmp_path):
 def test_wrong_shapes_are_listed(tmp_path):
     path = tmp_path / "t.pth"
     torch.save(timm_vit(16).state_dict(), path)
-    with pytest.raises(ckpt.CheckpointError, match=r"blocks\.0\.norm1\.weight: checkpoint \(32,\) vs model \(64,\)"):
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.norm1\.weight: checkpoint \(32,\) vs model \(64,\)"):
         flexivit.create_model("vit_base_patch16", pretrained=path, width=64, depth=2, num_heads=2)
 
 
@@ -301,35 +304,55 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"patch_embed.proj.weight": evil}, f)
-    with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
         flexivit.create_model("flexivit_mu", pretrained=path)
     assert not marker.exists()
 
 
 def test_release_table_and_offline_message(tmp_path, monkeypatch):
-    assert ckpt.RELEASES["flexivit_b_i1k"]["url"].endswith("/big_vision/flexivit/flexivit_b_i1k.npz")
-    assert ckpt.RELEASES["vit_b30_i21k_300ep"]["model"] == "vit_base_patch30"
+    assert releases.RELEASES["flexivit_b_i1k"]["url"].endswith("/big_vision/flexivit/flexivit_b_i1k.npz")
+    assert releases.RELEASES["vit_b30_i21k_300ep"]["model"] == "vit_base_patch30"
     monkeypatch.setenv("FLEXIVIT_CACHE", str(tmp_path))
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(ckpt.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(releases.urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError) as err:
         flexivit.create_model("flexivit_small", pretrained="flexivit_s_i1k")
     message = str(err.value)
     assert "flexivit_s_i1k.npz" in message and str(tmp_path) in message and "https://" in message
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(KeyError, match="flexivit_b_i1k"):
-        ckpt.release_path("flexivit_x_i1k")
+        releases.release_path("flexivit_x_i1k")
 
 
 def test_release_found_in_cache_without_network(tmp_path, monkeypatch, npz_path):
     monkeypatch.setenv("FLEXIVIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(ckpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(releases.urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
     (tmp_path / "flexivit_s_i1k.npz").write_bytes(npz_path.read_bytes())
     model = flexivit.create_model("flexivit_small", pretrained="flexivit_s_i1k", **SHAPE)
     assert model.head.out_features == 5
+
+
+def test_release_download_is_written_whole_or_not_at_all(tmp_path, monkeypatch, npz_path):
+    monkeypatch.setenv("FLEXIVIT_CACHE", str(tmp_path))
+    data = npz_path.read_bytes()
+
+    class CutOff(io.BytesIO):  # the connection drops after half the file
+        def read(self, size=-1):
+            chunk = super().read(size)
+            if self.tell() > len(data) // 2:
+                raise ConnectionResetError("connection reset by peer")
+            return chunk
+
+    monkeypatch.setattr(releases.urllib.request, "urlopen", lambda url, timeout: CutOff(data))
+    with pytest.raises(FileNotFoundError, match=r"the download failed \(connection reset by peer\)"):
+        releases.release_path("flexivit_s_i1k")
+    assert not list(tmp_path.iterdir())  # no partial file, under its name or a temporary one
+    monkeypatch.setattr(releases.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(data))
+    path = releases.release_path("flexivit_s_i1k")
+    assert path.read_bytes() == data and list(tmp_path.iterdir()) == [tmp_path / "flexivit_s_i1k.npz"]
 
 
 def test_loading_timm_files_needs_no_timm(tmp_path, monkeypatch, images):
@@ -358,14 +381,14 @@ def test_head_fallbacks_warn(tmp_path):
 
 def test_pretrained_true_loads_the_default_release_or_names_them(tmp_path, monkeypatch, npz_path):
     monkeypatch.setenv("FLEXIVIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(ckpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(releases.urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
     (tmp_path / "flexivit_b_i1k.npz").write_bytes(npz_path.read_bytes())
-    assert ckpt.default_release("flexivit_base") == "flexivit_b_i1k"
+    assert releases.default_release("flexivit_base") == "flexivit_b_i1k"
     model = flexivit.create_model("flexivit_base", pretrained=True, **SHAPE)
     torch.testing.assert_close(
         model.pos_embed, flexivit.create_model("flexivit_base", pretrained=npz_path, **SHAPE).pos_embed
     )
-    with pytest.raises(ckpt.CheckpointError, match=r"no official release for 'flexivit_mu'.*flexivit_s_i1k"):
+    with pytest.raises(CheckpointError, match=r"no official release for 'flexivit_mu'.*flexivit_s_i1k"):
         flexivit.create_model("flexivit_mu", pretrained=True)
 
 
@@ -384,7 +407,7 @@ def test_damaged_or_foreign_files_are_named(tmp_path, kind):
         path.write_text("this is not a checkpoint\n" * 20)
     else:
         path = _truncated(tmp_path, kind[3:])
-    with pytest.raises(ckpt.CheckpointError, match=re.escape(str(path)) + r".*(expected|not a big_vision)"):
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r".*(expected|not a big_vision)"):
         ckpt.read_checkpoint(path)
 
 

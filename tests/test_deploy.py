@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import flexivit
-from flexivit import fix_patch_size
+from flexivit import fast_paths, fix_patch_size
 from flexivit.checkpoint import load_model, save_model
 from flexivit.pi_resize import PI_CACHE, POSEMB_CACHE, clear_caches, pi_resize_patch_embed
 
@@ -36,7 +36,7 @@ def test_fixed_model_equals_flexible_model_at_its_patch_size(images, patch, kern
         got = fixed(images)  # the default patch size is the fixed one
         assert torch.equal(fixed(images, patch_size=patch), got)
         features = fixed.forward_features(images)
-    if model.patch_embed._resize_patches(features["patch_size"], 2 * features["tokens"].shape[1]):
+    if fast_paths.resizes_patches(model.patch_embed, features["patch_size"], 2 * features["tokens"].shape[1]):
         # Above the kernel's size the flexible model resizes the patches instead of the kernel: the same sums in
         # another order.
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -130,7 +130,7 @@ def test_resizing_patches_equals_resizing_the_kernel(images, patch):
     model = _model()
     embed = model.patch_embed
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    assert embed._resize_patches((ph, pw), 2 * (IMAGE // ph) * (IMAGE // pw))
+    assert fast_paths.resizes_patches(embed, (ph, pw), 2 * (IMAGE // ph) * (IMAGE // pw))
     weights = torch.randn(2, model.width, IMAGE // ph, IMAGE // pw)
     got = embed(images, (ph, pw))
     (grad_got,) = torch.autograd.grad((got * weights).sum(), embed.proj.weight)
@@ -138,4 +138,6 @@ def test_resizing_patches_equals_resizing_the_kernel(images, patch):
     (grad_want,) = torch.autograd.grad((want * weights).sum(), embed.proj.weight)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-4)
-    assert not embed._resize_patches((16, 16), 2 * 36) and not embed._resize_patches((48, 16), 2 * 6)
+    assert not fast_paths.resizes_patches(embed, (16, 16), 2 * 36) and not fast_paths.resizes_patches(
+        embed, (48, 16), 2 * 6
+    )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flexivit
+from flexivit import fast_paths
 
 # Tiny images keep even ViT-L cheap: the contract does not depend on the image size.
 IMAGE = 96
@@ -249,3 +250,135 @@ def test_bf16_training_gradients_follow_the_float32_ones():
     reference, low = gradients(None), gradients(torch.bfloat16)
     # Measured: ~1 % relative error; a wrong attention (say, an unscaled softmax) is off by far more.
     assert ((low - reference).norm() / reference.norm()).item() < 0.04
+
+
+# ---------------------------------------------------------------------------------------------- fast paths
+# Each path of flexivit/fast_paths.py against the plain expression it stands for (flexivit/model.py).
+
+
+@pytest.mark.parametrize("kernel_resize", ["pi", "bilinear"])
+@pytest.mark.parametrize("patch", [8, 16, (8, 12), 32, 48, (48, 40)])
+def test_patch_embedding_equals_the_strided_conv_of_algorithm_1(kernel_resize, patch):
+    # The GEMM over the patches (and, above the 32x32 kernel with PI-resize, the resized patches) against F.conv2d with
+    # the resized kernel, forward and backward. 100 px leaves an untiled border for every patch size but 8 and 32.
+    torch.manual_seed(0)
+    embed = flexivit.create_model("flexivit_mu", depth=1, kernel_resize=kernel_resize).patch_embed
+    images = torch.randn(2, 3, 100, 100, generator=torch.Generator().manual_seed(1))
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    resized = fast_paths.resizes_patches(embed, (ph, pw), num_patches=2 * (100 // ph) * (100 // pw))
+    assert resized == (kernel_resize == "pi" and patch in (48, (48, 40)))  # the cheaper way for width 128
+    weights = torch.randn(2, 128, 100 // ph, 100 // pw, generator=torch.Generator().manual_seed(2))
+    got = embed(images, (ph, pw))
+    want = torch.nn.functional.conv2d(images, embed.resized_weight((ph, pw)), embed.proj.bias, stride=(ph, pw))
+    grads = [torch.autograd.grad((y * weights).sum(), [embed.proj.weight, embed.proj.bias]) for y in (got, want)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(*grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_patches_are_resized_only_where_that_is_cheaper():
+    embed = flexivit.create_model("flexivit_mu", depth=1).patch_embed  # 32x32 kernel, width 128
+    assert fast_paths.resizes_patches(embed, (48, 48), num_patches=4)
+    assert not fast_paths.resizes_patches(embed, (32, 32), num_patches=4)  # the kernel itself: no resize at all
+    assert not fast_paths.resizes_patches(embed, (16, 16), num_patches=36)  # below the kernel
+    assert not fast_paths.resizes_patches(embed, (48, 16), num_patches=12)  # below it on one axis
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_out_attention_equals_the_fused_kernel(dtype):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 32, generator=generator).to(dtype).requires_grad_() for _ in range(3))
+    out = torch.randn(2, 3, 17, 32, generator=generator)
+    got = fast_paths.written_out_attention(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    for g, w in zip(
+        torch.autograd.grad((got.float() * out).sum(), [q, k, v]),
+        torch.autograd.grad((want.float() * out).sum(), [q, k, v]),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, w, **tol)
+    # Only training in low precision on CPU takes it: inference and float32 keep the fused kernel.
+    assert fast_paths.writes_out_attention(q) == (dtype != torch.float32)
+    with torch.no_grad():
+        assert not fast_paths.writes_out_attention(q)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_without_autograd_is_bit_identical(autocast):
+    torch.manual_seed(0)
+    mlp = flexivit.create_model("flexivit_mu", depth=1).blocks[0].mlp
+    x = torch.randn(2, 10, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        got = mlp(x)  # GELU in place
+        want = mlp.fc2(mlp.act(mlp.fc1(x)))  # the plain expression
+    assert torch.equal(got, want) and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_block_without_autograd_equals_the_plain_block(autocast, monkeypatch):
+    torch.manual_seed(0)
+    block = flexivit.create_model("flexivit_mu", depth=1).blocks[0].eval()
+    x = torch.randn(5, 17, 128, generator=torch.Generator().manual_seed(1))
+    kept = x.clone()
+
+    def plain(x):  # Block.forward's autograd expression, with the plain MLP
+        mlp = block.mlp
+        x = x + block.attn(block.norm1(x))
+        return x + mlp.fc2(mlp.act(mlp.fc1(block.norm2(x))))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        want = plain(x)
+        assert torch.equal(block(x), want)  # residuals added in place: bit for bit
+        # A batch whose MLP activation exceeds the limit runs in groups of images: only GEMM rounding may differ.
+        calls = []
+        block.attn.register_forward_hook(lambda *args: calls.append(args[1][0].shape[0]))
+        monkeypatch.setattr(fast_paths, "CPU_ACTIVATION_BYTES", 2 * 17 * 512 * 4)  # two images per group
+        grouped = block(x)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(grouped, want, rtol=0, atol=1e-5 if not autocast else 1e-2)
+    assert torch.equal(x, kept)  # the input is never written (return_blocks keeps it)
+
+
+def test_model_without_autograd_equals_the_model_with_it():
+    # All paths at once, in float32: no_grad (GELU, residuals in place, batch groups at patch 4) against autograd.
+    torch.manual_seed(0)
+    model = flexivit.create_model("flexivit_mu", depth=2, num_classes=5, head_zero_init=False).eval()
+    images = torch.randn(16, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    for patch in (4, 16, 48):
+        with torch.no_grad():
+            fast = model.forward_features(images, patch_size=patch, return_blocks=True)
+        slow = model.forward_features(images, patch_size=patch, return_blocks=True)
+        torch.testing.assert_close(fast["tokens"], slow["tokens"], rtol=0, atol=1e-5)
+        for a, b in zip(fast["blocks"], slow["blocks"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_reset_classifier_updates_the_constructor_arguments_a_checkpoint_rebuilds_from():
+    model = flexivit.create_model("flexivit_mu", depth=1, width=32, num_heads=2, num_classes=10)
+    model.reset_classifier(3)
+    rebuilt = flexivit.FlexiViT(**model.kwargs)
+    rebuilt.load_state_dict(model.state_dict())  # a head of 3 classes, as the constructor arguments now say
+    assert rebuilt.head.out_features == 3
+
+
+def test_in_eval_mode_restores_the_mode_also_when_the_function_raises():
+    model = flexivit.create_model("flexivit_mu", depth=1, width=32, num_heads=2)
+    seen = []
+
+    @flexivit.in_eval_mode
+    def look(m, fail=False):
+        seen.append(m.training)
+        if fail:
+            raise RuntimeError("boom")
+        return "done"
+
+    model.train()
+    assert look(model) == "done" and model.training
+    with pytest.raises(RuntimeError, match="boom"):
+        look(model, fail=True)
+    assert model.training and seen == [False, False]
+    model.eval()
+    look(model)
+    assert not model.training
