@@ -57,6 +57,19 @@ class Prediction:
     legend: Any = None  # PIL.Image.Image | None
 
 
+def ranked_predictions(scores, names, k: int, *, name: str, score: str, fmt: str, show=str) -> list[Prediction]:
+    """One :class:`Prediction` per row of ``scores`` (B, N) over ``names``: the ``k`` best, as a record
+    ``{"top": [{name: ..., score: ...}, ...]}`` and a summary ``"shirt 0.91, t-shirt 0.05"`` (``fmt`` formats a
+    score, ``show`` a name)."""
+    values, indices = scores.topk(min(int(k), len(names)), -1)
+    predictions = []
+    for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
+        top = [{name: names[i], score: v} for v, i in zip(row_values, row_indices, strict=True)]
+        summary = ", ".join(f"{show(t[name])} {t[score]:{fmt}}" for t in top)
+        predictions.append(Prediction(summary=summary, record={"top": top}))
+    return predictions
+
+
 @dataclass(frozen=True)
 class Task:
     """What a task gives the engine and the tools. Required first; the optional ones default to the backbone's
@@ -83,6 +96,11 @@ class Task:
     - ``export_refusal``: empty when ``image_forward`` exports at one patch size, else the reason it cannot.
     - ``collate(items) -> batch``: the training batch, for variable-length targets (default: torch's).
     - ``engine_features``: the keys of :data:`ENGINE_FEATURES` the task honours.
+    - ``flexible``: False for a model that runs at its one patch size only (the panoptic stage I oracle): asked for
+      another, its ``evaluate`` and ``image_forward`` raise a ValueError naming the patch size.
+    - ``runlocal``: the config of the task's smallest real run (seconds on a CPU), which the contract tests
+      (tests/test_task_contract.py) train, resume, reload, evaluate, predict and export; ``runlocal_needs`` maps a
+      config key to the task whose runlocal workdir it must name (stage II's ``model.oracle``: the stage I run).
     """
 
     name: str
@@ -99,6 +117,9 @@ class Task:
     export_refusal: str = ""
     collate: Callable | None = None
     engine_features: frozenset[str] = field(default_factory=frozenset)
+    flexible: bool = True
+    runlocal: str = ""
+    runlocal_needs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = set(self.engine_features) - set(ENGINE_FEATURES)
@@ -198,4 +219,5 @@ __all__ = [
     "check_engine_features",
     "get_task",
     "load_run",
+    "ranked_predictions",
 ]

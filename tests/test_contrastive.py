@@ -283,8 +283,9 @@ def test_lit_locks_the_image_tower_weights_and_eval_mode():
     captions = torch.stack([encode_caption(f"a photo of item {i}", 32) for i in range(8)])
     assert torch.equal(model.encode_image(images, 12), model.encode_image(images, 12))
     optimizer = build_optimizer(model, name="adamw", lr=1e-2)
+    loss_fn = contrastive.make_loss(config, {"classnames": []})
     for step in range(3):
-        contrastive.train_loss(model, (images, captions), 12, step=step, config=config)[0].backward()
+        loss_fn(model, (images, captions), 12, step)[0].backward()
         optimizer.step()
         optimizer.zero_grad()
     for key, value in model.image.state_dict().items():
@@ -387,7 +388,7 @@ def test_a_training_step_with_the_minilm_text_tower(tmp_path):
     config = load_config("configs/contrastive/flickr30k.py:runlocal,text=minilm,mode=lit")
     model = contrastive.build_model(config.model).train()
     captions = torch.stack([encode_caption(text, 64) for text in ("a dark coat", "a light bag", "a sneaker")])
-    loss, terms = contrastive.train_loss(model, (torch.randn(3, 3, 24, 24), captions), 8, step=0, config=config)
+    loss, terms = contrastive.make_loss(config, {})(model, (torch.randn(3, 3, 24, 24), captions), 8, 0)
     assert terms[config.model.loss] is loss and terms["logit_scale"] == pytest.approx(model.logit_scale.exp().item())
     loss.backward()
     assert torch.isfinite(loss) and model.text.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0

@@ -1,7 +1,8 @@
 """The detection task end to end: evaluation wrappers against lvis / pycocotools run directly, the task face on the
 runlocal config (train, checkpoint, evaluate, the per-step patch size), towers from a contrastive checkpoint, the
-labelme photos through inference, a checkpoint that alone rebuilds the model (prompts included), and evaluation in two
-processes (results gathered to the main one only, one results file per patch size)."""
+labelme photos through inference, a checkpoint that alone rebuilds the model (prompts included) and trains like it
+(``TASK.make_loss``), and evaluation in two processes (results gathered to the main one only, one results file per
+patch size)."""
 
 from __future__ import annotations
 
@@ -262,6 +263,10 @@ def test_runlocal_trains_checkpoints_evaluates_and_follows_the_engine_sampler(tm
     model = detection.load_model(checkpoint)
     state, _ = flexivit.read_checkpoint(checkpoint)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # The task's info travels in the checkpoint as plain lists of strings (weights_only loading accepts it).
+    info = torch.load(checkpoint, weights_only=True)["info"]
+    assert info == detection.build_datasets(config.data)[3] and info["classnames"] == model.query_names
+    assert json.loads(json.dumps(info)) == info
     rows = eval_tool.main(["--workdir", str(tmp_path), "--timing-batch", "2", "--no-timing"])
     assert [r["patch_size"] for r in rows] == config.eval.patch_sizes
     assert all(0 <= r["AP"] <= 1 and "APr" in r for r in rows) and [r["best"] for r in rows].count("yes") == 1
@@ -363,7 +368,8 @@ def test_a_checkpoint_alone_runs_inference_and_training_like_the_model_that_wrot
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    path = save_train_state(tmp_path, 3, model, optimizer, scheduler, scaler, Config(task="detection"))
+    info = {"classnames": ["cat", "dog", "bird"], "train_templates": ["a {}."]}
+    path = save_train_state(tmp_path, 3, model, optimizer, scheduler, scaler, Config(task="detection"), info=info)
     loaded = detection.load_model(path).eval()
     assert loaded.query_names == ["cat", "dog", "bird"] and loaded.train_templates == ["a {}."]
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -379,7 +385,7 @@ def test_a_checkpoint_alone_runs_inference_and_training_like_the_model_that_wrot
     losses = []
     for net in (model, loaded):
         torch.manual_seed(5)  # the template draw of the step
-        losses.append(detection.train_loss(net, batch, 8, step=0, config=None)[0])
+        losses.append(detection.make_loss(Config(task="detection"), info)(net, batch, 8, 0)[0])
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
     with pytest.raises(AttributeError):
         loaded.query_names = ["other"]  # read-only: what runs is what the checkpoint stores

@@ -19,15 +19,14 @@ from tasks.detection.data import (
     LABELME_COCO_ROOT,
     box_iou_xywh,
     clean_coco_json,
-    frequency_weights,
     mark_rare,
     read_coco,
     read_labelme_coco,
     read_lvis,
     read_scenes,
     remove_classes,
-    sample_queries,
 )
+from tasks.detection.queries import frequency_weights, sample_queries
 from tasks.detection.transforms import (
     EvalTransform,
     TrainTransform,

@@ -605,3 +605,26 @@ def test_loss_with_the_model_backpropagates(owl):
     assert model.box_head.mlp[-1].weight.grad.abs().sum() > 0
     assert model.class_head.shift.bias.grad.abs().sum() > 0
     assert losses.DEFAULT_WEIGHTS == {"class": 1.0, "l1": 1.0, "giou": 1.0}
+
+
+def test_make_loss_queries_each_slot_with_its_class_prompt_and_reads_no_config():
+    # One template, so the draw is fixed: each valid slot (b, q) must be queried with embed_text(names[queries[b, q]]),
+    # whatever the slots' order; the invalid slot (class -1) contributes nothing. An independent path: embeddings.
+    from tasks.detection import make_loss
+
+    base = OwlViT.from_image_text(tiny_image_text())
+    model = OwlViT(
+        base.image, base.text, base.text_proj, 16, query_names=["cat", "dog", "bird", "fish"], train_templates=["{}"]
+    )
+    torch.nn.init.normal_(model.class_head.proj.weight, std=0.3)
+    _, _, tgt, bv, labels, _ = two_image_batch()
+    queries = torch.tensor([[3, 0, -1], [2, 0, 3]])
+    qv = queries >= 0
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    loss, terms = make_loss(None, None)(model, (images, tgt, bv, labels, queries, qv), 24, 0)
+    with torch.no_grad():
+        embeds = model.embed_text(model.tokenize(model.query_names))[queries.clamp(min=0)]  # (B, Q, E)
+        out = model(images, embeds, qv, patch_size=24)
+    want, want_terms = detection_loss(out["logits"], out["boxes"], tgt, bv, labels, qv)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-6, atol=1e-6)
+    assert terms.keys() == want_terms.keys() and loss.requires_grad

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from markers import needs_fashion_mnist
 
 import flexivit
-from flexivit.checkpoint import atomic_write_text
+from flexivit.files import atomic_write_text
 from tasks import classification
 from tasks.common import distributed
 from tasks.common.config import ConfigError, apply_overrides, load_config, save_config
@@ -296,11 +296,13 @@ def test_gradient_accumulation_gives_the_whole_batch_gradients():
     items = [train_set[i] for i in range(32)]
     batch = [torch.stack([train_tf(image) for image, _ in items]), torch.tensor([label for _, label in items])]
 
+    loss_fn = classification.make_loss(config, None)
+
     def grads(accum):
         model.zero_grad(set_to_none=True)
         loss, terms = train.accumulate_gradients(
             model,
-            lambda mb: classification.train_loss(model, mb, 8, step=0, config=config),
+            lambda mb: loss_fn(model, mb, 8, 0),
             batch,
             accum,
             autocast=contextlib.nullcontext,

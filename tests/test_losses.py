@@ -78,7 +78,7 @@ def small_model():
 def test_classification_consistency_term_matches_a_hand_computation():
     model, images, labels = small_model(), torch.randn(4, 3, 24, 24), torch.tensor([0, 1, 2, 1])
     config = config_for(consistency=dict(weight=0.5, sizes=[12, 6]))
-    loss, terms = classification.train_loss(model, (images, labels), 8, step=7, config=config)
+    loss, terms = classification.make_loss(config, None)(model, (images, labels), 8, 7)
     other = flexivit.UniformSampler([12, 6], seed=config.seed + 1)(7)  # the second size: from (seed + 1, step)
     at_8, at_other = model(images, patch_size=8), model(images, patch_size=other)
     ce = torch.nn.functional.cross_entropy(at_8, labels)
@@ -100,8 +100,8 @@ def test_distillation_gives_the_teacher_its_own_mixed_view():
         return torch.randn(len(images), 3, generator=torch.Generator().manual_seed(0))
 
     torch.manual_seed(11)
-    loss, terms = classification.train_loss(
-        model, (student, teacher_view, labels), 8, step=0, config=config_for(mixup=0.8), teacher=teacher
+    loss, terms = classification.make_loss(config_for(mixup=0.8), None, teacher)(
+        model, (student, teacher_view, labels), 8, 0
     )
     torch.manual_seed(11)
     ratio = mixup_ratio(0.8)

@@ -171,6 +171,7 @@ def test_every_bad_entry_is_named_with_its_file_and_images_without_annotations_a
         (set_field(lambda d: d["categories"][0], "id", "1"), r"category 0 \('.+'\) has id '1' \(expected int\)"),
         (set_field(lambda d: d["categories"][2], "id", gt["categories"][0]["id"]), r"category id\(s\) \[\d+\] appear"),
         (set_field(lambda d: d["images"][1], "height", "48"), r"image entry 1 has height '48' \(expected int\)"),
+        (set_field(lambda d: d["categories"][0], "color", [1, 2]), r"category \d+ has color \[1, 2\] \(expected \[r"),
         (set_field(lambda d: d["annotations"][0]["segments_info"][0], "id", KeyError),
          rf"segment 0 of image {image_id} lacks \['id'\]"),
         (set_field(lambda d: d["annotations"][1], "segments_info", None), r"annotation 1 has segments_info None"),
@@ -508,6 +509,7 @@ def test_both_stages_train_resume_evaluate_and_rebuild_from_their_checkpoints(tm
         "panopticapi.evaluation", reason="panopticapi not installed (pip install --no-deps panopticapi-lite)"
     )
     import flexivit
+    from tasks import load_run
     from tasks.common.config import load_config
     from tasks.panoptic import stage1, stage2
     from tools import eval as eval_tool
@@ -537,6 +539,14 @@ def test_both_stages_train_resume_evaluate_and_rebuild_from_their_checkpoints(tm
     model = stage2.load_model(stage2_dir)
     # Stage II never changes its oracle: the dictionary and weights are the stage I checkpoint's.
     assert all(torch.equal(model.oracle.state_dict()[k], v) for k, v in oracle.state_dict().items())
+    # The checkpoint carries the JSON's categories (what predict labels and colours segments with).
+    run = load_run(stage2_dir)
+    gt = json.loads((Path(run.config.data.root) / "panoptic" / "panoptic_train.json").read_text())
+    want = [{k: c.get(k) for k in ("id", "name", "isthing", "color")} for c in gt["categories"]]
+    assert run.info["categories"] == [{**c, "isthing": bool(c["isthing"])} for c in want] and want[0]["color"]
+    image = Image.fromarray(np.full((30, 70, 3), 128, np.uint8))
+    prediction = run.task.predict(run.model, run.config, run.info, [image], 12, {})[0]
+    assert prediction.image.size == (70, 30) and prediction.summary.split(" ")[1].startswith("segment")
     rows = eval_tool.main(["--workdir", str(stage2_dir), "--no-timing"])
     assert [r["patch_size"] for r in rows] == [16, 12, 8] and [r["best"] for r in rows].count("yes") == 1
     with pytest.raises(ValueError, match=r"the oracle has code_len 4, but model.code_len is 9"):

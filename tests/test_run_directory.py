@@ -1,6 +1,7 @@
 """The run directory as a small database: bad input to tools.train is named and changes no file; a killed, stopped or
 disk-full run leaves every log step once, no temp file and a readable checkpoint; a workdir holds one run."""
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -17,7 +18,7 @@ import torch
 from markers import needs_fashion_mnist
 
 import flexivit
-from flexivit.checkpoint import atomic_write
+from flexivit.files import atomic_write
 from tasks import classification
 from tasks.common import train_state
 from tasks.common.config import ConfigError, apply_overrides, check_config, load_config
@@ -236,15 +237,20 @@ def test_after_a_kill_and_a_resume_every_step_is_logged_once_and_no_temp_file_is
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_resume_command(tmp_path, capsys, monkeypatch):
     common = ["--config", RUNLOCAL, "--set", "train.steps=6", "train.ckpt_every=4"]
     train.main([*common, "--workdir", str(tmp_path / "straight")])
-    real_loss = classification.train_loss
+    real_make_loss = classification.TASK.make_loss
 
-    def ctrl_c_in_step_3(net, batch, patch, *, step, **kwargs):
-        if step == 2:  # the third step: Ctrl-C arrives mid-step, the step still completes
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(net, batch, patch, step=step, **kwargs)
+    def make_loss(config, info, teacher=None):
+        real_loss = real_make_loss(config, info, teacher)
+
+        def ctrl_c_in_step_3(net, batch, patch, step):
+            if step == 2:  # the third step: Ctrl-C arrives mid-step, the step still completes
+                signal.raise_signal(signal.SIGINT)
+            return real_loss(net, batch, patch, step)
+
+        return ctrl_c_in_step_3
 
     workdir, handler = tmp_path / "stopped", signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(classification, "train_loss", ctrl_c_in_step_3)
+    monkeypatch.setattr(classification, "TASK", dataclasses.replace(classification.TASK, make_loss=make_loss))
     code, err = run_cli([*common, "--workdir", str(workdir)], capsys)
     assert code == 130 and "stopped by Ctrl-C after step 3 of 6" in err and "ckpt_00000003.pt" in err
     assert f"Resume with: python -m tools.train --workdir {workdir} --resume" in err

@@ -15,10 +15,11 @@ from PIL import Image
 
 import flexivit
 from tasks import segmentation
+from tasks.common.dense import tokens_to_map
 from tasks.segmentation import data as seg_data
 from tasks.segmentation.inference import InferenceSettings, predict, slide_logits, window_boxes
 from tasks.segmentation.metrics import confusion_matrix, segmentation_metrics
-from tasks.segmentation.model import LinearDecoder, Segmenter, tokens_to_map
+from tasks.segmentation.model import LinearDecoder, Segmenter
 from tasks.segmentation.transforms import TrainTransform, rescale_size
 
 LABELME_VOC = Path("/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc")
@@ -123,8 +124,9 @@ def test_logits_have_the_input_size_for_patch_sizes_that_do_not_divide_it(patch)
     logits = model(images, patch_size=patch)
     assert logits.shape == (2, 4, 45, 50) and torch.isfinite(logits).all()
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    features = model.backbone.forward_features(segmentation.pad_to_multiple(images, patch), patch)
+    features = model.backbone.forward_features(F.pad(images, (0, -50 % pw, 0, -45 % ph)), patch)
     assert features["grid"] == (-(-45 // ph), -(-50 // pw))  # padded, not cropped: no border is dropped
+    assert segmentation.TASK.token_grid((45, 50), (ph, pw)) == features["grid"]  # what the tools are told
     logits.sum().backward()  # gradients reach the backbone at every size
     assert model.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
 
@@ -178,21 +180,23 @@ def test_flip_and_scales_average_probabilities_at_the_label_size():
     torch.testing.assert_close(single, expected)
 
 
-def test_train_loss_ignores_255_and_the_consistency_term_matches_a_hand_computation():
+def test_loss_ignores_255_and_the_consistency_term_matches_a_hand_computation():
     from tasks.common.config import Config
 
     model = tiny_segmenter(num_classes=3).train()
     images, masks = torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255)
     masks[:, :8, :8] = 1
     config = Config(seed=0, train=dict(consistency=dict(weight=0.0, sizes=[])))
-    loss, terms = segmentation.train_loss(model, (images, masks), 8, step=0, config=config)
+    loss, terms = segmentation.make_loss(config, ["a", "b", "c"])(model, (images, masks), 8, 0)
     logits = model(images, patch_size=8)
     ce = F.cross_entropy(logits[..., :8, :8], masks[:, :8, :8])
     torch.testing.assert_close(loss, ce)
     assert set(terms) == {"ce"}
     # The term at the second size (16, the only one) against the detached prediction at 8, on labelled pixels only.
-    config.train.consistency.update(weight=0.5, sizes=[16])
-    loss, terms = segmentation.train_loss(model, (images, masks), 8, step=0, config=config)
+    loss_fn = segmentation.make_loss(config, ["a", "b", "c"])
+    config.train.consistency.update(weight=0.5, sizes=[16])  # read once, by make_loss: the loss above keeps 0
+    assert set(loss_fn(model, (images, masks), 8, 0)[1]) == {"ce"}
+    loss, terms = segmentation.make_loss(config, ["a", "b", "c"])(model, (images, masks), 8, 0)
     target = logits.detach().softmax(1)[..., :8, :8]
     other = model(images, patch_size=16).log_softmax(1)[..., :8, :8]
     want = -(target * other).sum(1).mean()
@@ -342,7 +346,7 @@ def test_runlocal_configs_build_train_and_evaluate_on_generated_scenes(name):
     model = segmentation.build_model(config.model, classes)
     batch = [torch.stack(t) for t in zip(*(train_tf(train_set[i]) for i in range(2)), strict=True)]
     assert batch[0].shape == (2, 3, config.data.image_size, config.data.image_size)
-    loss, _ = segmentation.train_loss(model, batch, config.patch_sizes.sizes[0], step=0, config=config)
+    loss, _ = segmentation.make_loss(config, classes)(model, batch, config.patch_sizes.sizes[0], 0)
     loss.backward()
     results = segmentation.evaluate(model, val_set, config.eval.patch_sizes, torch.device("cpu"), batch_size=4)
     assert set(results) == set(config.eval.patch_sizes)

@@ -18,7 +18,6 @@ Writes PNGs, CSVs and ``analysis.md`` into ``<workdir>/analysis`` (or ``--out``)
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 from pathlib import Path
 
@@ -27,13 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from flexivit import analysis
-from flexivit.checkpoint import atomic_write_text
-from tasks.common.deployment import backbone_of
+from flexivit.files import atomic_write_text
 from tasks.common.images import ImageError, open_image
-from tasks.common.profiling import count_gflops_fn
-from tasks.common.reporting import markdown_table, write_csv
 from tools.arguments import int_at_least, positive_int
-from tools.eval import check_patch_sizes, load_task_model, workdir_source
+from tools.eval import check_patch_sizes, open_run
+from tools.lib.deployment import backbone_of
+from tools.lib.profiling import count_gflops_fn
+from tools.lib.reporting import markdown_table, write_csv
 
 WHAT = ("cka", "attention", "similarity", "ensemble")
 CKA_MIN_BATCH = 4  # the unbiased HSIC estimator of minibatch CKA needs 4 examples per batch (flexivit.analysis)
@@ -273,21 +272,23 @@ def run_ensemble(model, val_set, patch_sizes, max_size: int, out: Path) -> list[
 def main(argv=None) -> Path:
     args = parse_args(argv)
     torch.manual_seed(0)
-    config, checkpoint = workdir_source(args.workdir, args.config, args.set)
-    task = importlib.import_module(f"tasks.{config.task}")
+    run = open_run(args.workdir, args.config, args.set)
+    config = run.config
     size = config.data.image_size
     # The analyses run the backbone itself, which drops the border the patches do not tile (no task padding).
     given = "--patch-sizes" if args.patch_sizes else "the config's eval.patch_sizes"
     patch_sizes = check_patch_sizes(args.patch_sizes or config.eval.patch_sizes, size, given)
     if "cka" in args.what and len(patch_sizes) < 2:
         raise SystemExit(f"--what cka compares patch sizes: give at least two, not {patch_sizes}")
-    _, _, val_set, info = task.build_datasets(config.data)
-    model = backbone_of(load_task_model(task, config, info, checkpoint)).eval()
+    model = backbone_of(run.model).eval()
     if not -1 <= args.block < model.depth:
         raise SystemExit(f"--block {args.block}: the model has blocks 0..{model.depth - 1} (-1: after the final norm)")
     out = Path(args.out) if args.out else Path(args.workdir) / "analysis"
     sections = [f"# Analysis of {Path(args.workdir).name} ({config.task}, patch sizes {patch_sizes})", ""]
-    needs_val = {"cka", "similarity"} & set(args.what) or ("attention" in args.what and not args.images)
+    needs_val = {"cka", "similarity", "ensemble"} & set(args.what) or ("attention" in args.what and not args.images)
+    if "ensemble" in args.what and not model.num_classes:
+        raise SystemExit(f"--what ensemble averages class probabilities: the {config.task} backbone has no class head")
+    val_set = run.task.build_datasets(config.data)[2] if needs_val else None  # the images analysed come from it
     images = validation_images(val_set, args.num_images, size) if needs_val else None
     if "cka" in args.what and len(images) < CKA_MIN_BATCH:
         raise SystemExit(f"minibatch CKA needs at least {CKA_MIN_BATCH} images; the validation set has {len(images)}")
@@ -304,8 +305,6 @@ def main(argv=None) -> Path:
         elif what == "similarity":
             sections += run_similarity(model, images[: args.num_images], patch_sizes, args.block, out)
         elif what == "ensemble":
-            if config.task != "classification":
-                raise SystemExit("--what ensemble averages class probabilities: it needs a classification workdir")
             sections += run_ensemble(model, val_set, patch_sizes, args.max_ensemble, out)
         sections.append("")
     atomic_write_text(out / "analysis.md", "\n".join(sections) + "\n")

@@ -1,18 +1,23 @@
-"""An interactive page: one model, a patch-size slider, the prediction, its cost and where the model looks.
+"""An interactive page: one model of any task, a patch-size slider, the prediction and its cost at that size.
 
     python -m tools.demo --workdir runs/fashion_mnist          # then open http://127.0.0.1:7860
-    python -m tools.demo --workdir runs/seg --port 8000 --patch-sizes 16 12 8 6 4
+    python -m tools.demo --workdir runs/seg --port 8000 --patch-sizes 16 12 8 6 4 --examples scenes/
+    python -m tools.demo --workdir runs/det_scenes_flexi --examples photos/
 
-Pick a validation image or upload one, move the slider: the page shows the prediction at that patch size
-(classification: top-5 classes; segmentation: the mask over the image), the latency measured on this machine for
-that image (median of 5 calls) and the GFLOPs, the token grid drawn over the image, and the class token's attention
-relevance (flexivit.analysis). A small Flask app with one HTML page of plain JavaScript: nothing is fetched from
-the internet, so it starts offline.
+Upload an image (or pick one of ``--examples``), move the slider: the page shows what the workdir's task predicts at
+that patch size (its ``Task.predict``, the same as ``tools.predict``): the summary line, the record (JSON), and the
+task's picture: a colour map laid over the image (segmentation, panoptic) with its legend, or the image with boxes
+drawn on it (detection). Tasks that take text queries (detection, contrastive) get a query box. Beside it: the token
+grid, the GFLOPs of the task's forward at the config's image size, and the latency of the whole prediction measured
+on this machine (median of 3 calls). The model is rebuilt from the checkpoint alone: no dataset is read. A small
+Flask app with one HTML page of plain JavaScript: nothing is fetched from the internet, so it starts offline.
 
-``POST /api/predict`` takes a JSON object ``{"patch_size": P, "example": I}`` or ``{"patch_size": P, "image":
-"data:image/...;base64,..."}`` (P one of the slider's sizes, I a validation image's index). Requests are capped at
-``MAX_UPLOAD_BYTES`` (20 MiB: a large photo as a base64 data URL); every error is answered as JSON ``{"error": ...}``
-with a 4xx status (413 for a request over the cap, 400 for a bad body, patch size or image).
+``POST /api/predict`` takes a JSON object ``{"patch_size": P, "image": "data:image/...;base64,..."}`` or
+``{"patch_size": P, "example": I}`` (P one of the slider's sizes, I an index into ``--examples``), plus
+``"queries": ["a bag", ...]`` for a task that takes queries. It answers ``summary``, ``record``, ``image`` (a PNG data
+URL or null), ``overlay``, ``legend``, ``latency_ms``, ``gflops``, ``patch_size`` and ``grid``. Requests are capped
+at ``MAX_UPLOAD_BYTES`` (20 MiB: a large photo as a base64 data URL); every error is answered as JSON
+``{"error": ...}`` with a 4xx status (413 for a request over the cap, 400 for a bad body, patch size or image).
 """
 
 from __future__ import annotations
@@ -20,144 +25,106 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import importlib
 import io
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from flexivit import analysis
-from tasks.common.deployment import backbone_of
-from tasks.common.images import open_image
-from tasks.common.profiling import count_gflops_fn
-from tools.analyze import validation_images
+from tasks.common.images import ImageError, open_image
 from tools.arguments import int_at_least, positive_int
-from tools.eval import check_patch_sizes, load_task_model, task_token_grid, workdir_source
+from tools.eval import check_patch_sizes, open_run
+from tools.lib.profiling import count_gflops_fn
+from tools.predict import list_images, run_predict
 
-NUM_EXAMPLES = 8
 MAX_UPLOAD_BYTES = 20 * 2**20  # Flask's MAX_CONTENT_LENGTH: larger requests are refused with 413 before parsing
+LATENCY_REPEATS = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="a classification or segmentation workdir")
+    parser.add_argument("--workdir", required=True, help="a training workdir of any task that predicts")
     parser.add_argument("--config", help="a config file to use instead of the workdir's config.json")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument(
         "--patch-sizes", nargs="+", type=positive_int, help="the slider's stops (default: eval.patch_sizes)"
     )
+    parser.add_argument("--examples", nargs="+", default=[], help="image files and folders the page offers")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int_at_least(0, "0 picks a free port"), default=7860)
     return parser.parse_args(argv)
 
 
-def _png(array: np.ndarray) -> str:
+def png_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    x = image.permute(1, 2, 0).float()
-    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
-    return (x.numpy() * 255).round().astype(np.uint8)
-
-
 class DemoModel:
-    """What the page asks for, computed: the prediction, cost and relevance of one image at one patch size."""
+    """What the page asks for, computed: the task's prediction of one image at one patch size, and its cost."""
 
-    def __init__(self, workdir, config_path=None, overrides=(), patch_sizes=None):
-        self.config, checkpoint = workdir_source(workdir, config_path, overrides)
-        self.task_name = self.config.task
-        if self.task_name not in ("classification", "segmentation"):
-            raise SystemExit(f"tools.demo shows classification and segmentation workdirs, not {self.task_name}")
-        task = importlib.import_module(f"tasks.{self.task_name}")
-        self.image_size = self.config.data.image_size
+    def __init__(self, workdir, config_path=None, overrides=(), patch_sizes=None, examples=()):
+        self.run = open_run(workdir, config_path, overrides)
+        task, config = self.run.task, self.run.config
+        if task.predict is None:
+            raise SystemExit(f"tools.demo cannot show task {task.name}: {task.predict_refusal}")
+        self.task_name = task.name
+        self.takes_queries = "queries" in task.predict_options
+        size = config.data.image_size
+        self.image_size = [size, size] if isinstance(size, int) else list(size)
         given = "--patch-sizes" if patch_sizes else "the config's eval.patch_sizes"
-        sizes = patch_sizes or self.config.eval.patch_sizes
-        self.patch_sizes = check_patch_sizes(sizes, self.image_size, given, task_token_grid(task))
+        sizes = patch_sizes or config.eval.patch_sizes
+        self.patch_sizes = check_patch_sizes(sizes, self.image_size, given, task.token_grid)
         if not all(isinstance(p, int) for p in self.patch_sizes):
             raise SystemExit(f"the demo's slider takes square patch sizes; got {self.patch_sizes} (give --patch-sizes)")
-        _, _, val_set, info = task.build_datasets(self.config.data)
-        self.model = load_task_model(task, self.config, info, checkpoint).eval()
-        self.backbone = backbone_of(self.model)
-        self.classes = list(info)
-        self.examples = validation_images(val_set, NUM_EXAMPLES, self.image_size)
-        from tasks.common.transforms import data_eval_transform
-
-        self.transform = data_eval_transform(self.config.data, crop_ratio=1.0)
-        self.token_grid = task_token_grid(task)
+        try:
+            self.examples = [open_image(path) for path in list_images(examples)] if examples else []
+        except ImageError as error:
+            raise SystemExit(f"--examples: {error}") from None
         self._gflops = {}
 
-    def image_from_upload(self, data_url: str) -> torch.Tensor:
-        """The eval-transformed image of a base64 data URL; ``ValueError`` naming what is wrong with it."""
+    def image_from_upload(self, data_url: str) -> Image.Image:
+        """The RGB image of a base64 data URL; ``ValueError`` naming what is wrong with it."""
         try:
             raw = base64.b64decode(data_url.split(",", 1)[-1], validate=True)
         except binascii.Error as e:
             raise ValueError(f"image: not a base64 data URL ({e})") from e
-        return self.transform(open_image(raw, "(upload)"))
-
-    @torch.no_grad()
-    def logits(self, image: torch.Tensor, patch: int) -> torch.Tensor:
-        return self.model(image[None], patch_size=patch)[0].float()
+        return open_image(raw, "(upload)")
 
     def gflops(self, patch: int) -> float:
+        """GFLOPs per image of the task's forward at ``patch`` on an image of the config's size."""
         if patch not in self._gflops:
-            example = self.examples[:1]
-            self._gflops[patch] = count_gflops_fn(lambda x: self.model(x, patch_size=patch), example)
+            forward = self.run.task.image_forward(self.run.model)
+            x = torch.zeros(1, 3, *self.image_size)
+            self._gflops[patch] = count_gflops_fn(lambda images: forward(images, patch_size=patch), x)
         return self._gflops[patch]
 
-    def latency_ms(self, image: torch.Tensor, patch: int, repeats: int = 5) -> float:
-        times = []
-        with torch.inference_mode():
-            self.model(image[None], patch_size=patch)  # warm-up
-            for _ in range(repeats):
-                start = time.perf_counter()
-                self.model(image[None], patch_size=patch)
-                times.append(1e3 * (time.perf_counter() - start))
-        return statistics.median(times)
-
-    def relevance(self, image: torch.Tensor, patch: int) -> torch.Tensor:
-        if self.backbone.head is not None:
-            return analysis.attention_relevance(self.backbone, image[None], patch)[0]
-        return analysis.attention_rollout(self.backbone, image[None], patch)[0]
-
-    def predict(self, image: torch.Tensor, patch: int) -> dict:
+    def predict(self, image: Image.Image, patch: int, options: dict | None = None) -> dict:
+        """The page's answer for ``image`` at ``patch``: the task's prediction, the grid and the measured cost."""
         if patch not in self.patch_sizes:
             raise ValueError(f"patch size {patch} is not one of the slider's {self.patch_sizes}")
-        h, w = image.shape[-2:]
-        grid = self.token_grid((h, w), (patch, patch))  # no extra forward: the task knows its grid (padding or not)
-        logits = self.logits(image, patch)
-        result = {"patch_size": patch, "grid": [int(grid[0]), int(grid[1])], "gflops": self.gflops(patch),
-                  "latency_ms": self.latency_ms(image, patch)}  # fmt: skip
-        if self.task_name == "classification":
-            probs = logits.softmax(-1)
-            top = probs.topk(min(5, len(self.classes)))
-            result["prediction"] = [
-                {"label": self.classes[i], "score": round(float(p), 4)}
-                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-            ]
-        else:
-            from tools.predict import palette
-
-            labels = logits.argmax(0).numpy()
-            colours = palette(len(self.classes))
-            result["overlay"] = _png(colours[labels])
-            present = np.unique(labels)
-            result["prediction"] = [{"label": self.classes[c], "score": round(float((labels == c).mean()), 4)}
-                                    for c in present]  # fmt: skip
-        rel = self.relevance(image, patch)
-        heat = F.interpolate(rel[None, None], size=(h, w), mode="nearest")[0, 0]
-        heat = (heat / heat.max().clamp(min=1e-12)).numpy()
-        rgba = np.zeros((h, w, 4), np.uint8)
-        rgba[..., 0], rgba[..., 3] = 255, (heat * 150).astype(np.uint8)  # red, opaque where relevant
-        result["relevance"] = _png(rgba)
-        return result
+        options = options or {}
+        p = run_predict(self.run, [image], patch, options)[0]  # also the warm-up of the timing below
+        times = []
+        for _ in range(LATENCY_REPEATS):
+            start = time.perf_counter()
+            run_predict(self.run, [image], patch, options)
+            times.append(1e3 * (time.perf_counter() - start))
+        grid = self.run.task.token_grid(tuple(self.image_size), (patch, patch))  # the task knows its padding
+        return {
+            "patch_size": patch,
+            "grid": [int(grid[0]), int(grid[1])],
+            "gflops": self.gflops(patch),
+            "latency_ms": statistics.median(times),
+            "summary": p.summary,
+            "record": p.record,
+            "image": png_url(p.image) if p.image is not None else None,
+            "overlay": bool(p.overlay),
+            "legend": png_url(p.legend) if p.legend is not None else None,
+        }
 
 
 PAGE = Path(__file__).with_name("demo_page.html")  # one page of HTML and plain JavaScript, no external file
@@ -169,7 +136,7 @@ def create_app(demo: DemoModel):
 
     app = Flask("flexivit-demo")
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
-    examples = [_png(_to_uint8(image)) for image in demo.examples]
+    examples = [png_url(image) for image in demo.examples]
 
     @app.errorhandler(HTTPException)
     def http_error(error):  # Flask answers HTML by default (413, 404, 405, ...): the page reads JSON
@@ -184,47 +151,59 @@ def create_app(demo: DemoModel):
     @app.get("/api/info")
     def info():
         return jsonify(task=demo.task_name, patch_sizes=demo.patch_sizes, image_size=demo.image_size,
-                       examples=examples)  # fmt: skip
+                       examples=examples, queries=demo.takes_queries)  # fmt: skip
 
     @app.post("/api/predict")
     def predict():
         try:
-            image, patch = read_request(demo, request.get_json(force=True, silent=True))
+            image, patch, options = read_request(demo, request.get_json(force=True, silent=True))
+            return jsonify(demo.predict(image, patch, options))
         except ValueError as error:  # ImageError included: the message names the field or the image
             return jsonify(error=str(error)), 400
-        return jsonify(demo.predict(image, patch))
 
     return app
 
 
-def read_request(demo: DemoModel, body) -> tuple[torch.Tensor, int]:
-    """``(image, patch size)`` of a predict request, or ``ValueError`` naming the field that is missing or wrong."""
+def read_request(demo: DemoModel, body) -> tuple[Image.Image, int, dict]:
+    """``(image, patch size, options)`` of a predict request, or ``ValueError`` naming the field that is missing or
+    wrong."""
     if not isinstance(body, dict):
-        raise ValueError('the body must be a JSON object like {"patch_size": 8, "example": 0}')
-    unknown = sorted(set(body) - {"patch_size", "example", "image"})
+        raise ValueError('the body must be a JSON object like {"patch_size": 8, "image": "data:image/png;base64,..."}')
+    unknown = sorted(set(body) - {"patch_size", "example", "image", "queries"})
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown}; the fields are patch_size, example and image")
+        raise ValueError(f"unknown field(s) {unknown}; the fields are patch_size, image, example and queries")
     if "patch_size" not in body:
         raise ValueError(f"patch_size is missing: one of {demo.patch_sizes}")
     patch = body["patch_size"]
     # bool is an int to Python, and 8.9 must not become 8: only the slider's exact sizes are accepted.
     if type(patch) is not int or patch not in demo.patch_sizes:
         raise ValueError(f"patch size {patch!r} is not one of the slider's sizes {demo.patch_sizes}")
+    options = {}
+    queries = body.get("queries")
+    if queries:  # an empty box: the task's default queries (its class names)
+        if not demo.takes_queries:
+            raise ValueError(f"task {demo.task_name} takes no queries")
+        if not isinstance(queries, list) or not all(isinstance(q, str) and q.strip() for q in queries):
+            raise ValueError(f"queries must be a list of non-empty strings, got {queries!r}")
+        options["queries"] = [q.strip() for q in queries]
     if "image" in body and "example" in body:
         raise ValueError("give either example or image, not both")
     if "image" in body:
         if not isinstance(body["image"], str):
             raise ValueError(f"image must be a base64 data URL string, got {type(body['image']).__name__}")
-        return demo.image_from_upload(body["image"]), patch
-    index = body.get("example", 0)
-    if type(index) is not int or not 0 <= index < len(demo.examples):
-        raise ValueError(f"example {index!r} does not exist: give an index 0..{len(demo.examples) - 1}")
-    return demo.examples[index], patch
+        return demo.image_from_upload(body["image"]), patch, options
+    if "example" not in body:
+        raise ValueError("image is missing: give a base64 data URL" + (" or an example" if demo.examples else ""))
+    index, count = body["example"], len(demo.examples)
+    if type(index) is not int or not 0 <= index < count:
+        have = f"give an index 0..{count - 1}" if count else "this demo has none (start it with --examples)"
+        raise ValueError(f"example {index!r} does not exist: {have}")
+    return demo.examples[index], patch, options
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    demo = DemoModel(args.workdir, args.config, args.set, args.patch_sizes)
+    demo = DemoModel(args.workdir, args.config, args.set, args.patch_sizes, args.examples)
     print(f"FlexiViT demo: http://{args.host}:{args.port}  ({demo.task_name}, patch sizes {demo.patch_sizes})")
     create_app(demo).run(host=args.host, port=args.port, threaded=False)
 

@@ -15,27 +15,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from flexivit.checkpoint import atomic_write_text
-from tasks.common.deployment import PRECISIONS, BudgetError, autocast, autocast_dtype, backbone_of, choose, pareto_front
-from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
-from tasks.common.reporting import markdown_table, write_csv
+from flexivit.files import atomic_write_text
+from tasks.common.precision import PRECISIONS, autocast, autocast_dtype
 from tools.arguments import finite_float, positive_float, positive_int
-from tools.eval import (
-    DESCRIPTIVE,
-    check_patch_sizes,
-    image_forward,
-    load_task_model,
-    primary_metric,
-    task_token_grid,
-    workdir_source,
-)
+from tools.eval import DESCRIPTIVE, check_patch_sizes, open_run, primary_metric
+from tools.lib.deployment import BudgetError, backbone_of, choose, pareto_front
+from tools.lib.profiling import count_gflops_fn, device_description, measure_throughput
+from tools.lib.reporting import markdown_table, write_csv
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +93,7 @@ def measure(task, model, config, patch_sizes, device, *, precision: str, batch: 
     dtype = autocast_dtype(precision, device)
     size = config.data.image_size
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
-    forward, token_grid = image_forward(task, model), task_token_grid(task)
+    forward, token_grid = task.image_forward(model), task.token_grid
     channels = backbone_of(model).kwargs["in_chans"]
     example = torch.randn(batch, channels, *image_hw, device=device)
     described = device_description(device)
@@ -165,16 +157,15 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is available here")
-    config, checkpoint = workdir_source(args.workdir, args.config, args.set)
-    task = importlib.import_module(f"tasks.{config.task}")
+    run = open_run(args.workdir, args.config, args.set)
+    task, config = run.task, run.config
     given = "--patch-sizes" if args.patch_sizes else "the config's eval.patch_sizes"
     patch_sizes = check_patch_sizes(
-        args.patch_sizes or config.eval.patch_sizes, config.data.image_size, given, task_token_grid(task)
+        args.patch_sizes or config.eval.patch_sizes, config.data.image_size, given, task.token_grid
     )
     if any(not isinstance(p, int) for p in patch_sizes):
         raise SystemExit(f"tools.deploy takes square patch sizes; got {patch_sizes}")
-    _, _, val_set, info = task.build_datasets(config.data)
-    model = load_task_model(task, config, info, checkpoint).to(device).eval()
+    model = run.model.to(device)
 
     rows = measure(task, model, config, patch_sizes, device,
                    precision=args.precision, batch=args.batch, repeats=args.repeats)  # fmt: skip
@@ -187,6 +178,7 @@ def main(argv=None) -> dict:
         source = f"read from {args.sweep_csv}"
     else:
         print(f"evaluating {config.task} at patch sizes {patch_sizes} ...", flush=True)
+        _, _, val_set, _ = task.build_datasets(config.data)  # the metric needs the data; the timing does not
         bs = config.eval.batch_size
         metrics = {p: _metrics(r) for p, r in task.evaluate(model, val_set, patch_sizes, device, dtype, bs).items()}
         source = f"computed on the validation set in {args.precision}"
@@ -266,7 +258,7 @@ def main(argv=None) -> dict:
     plot_front(rows, front, chosen, metric, out / "front.png", cost=cost, budget=budget, title=title)
     choice = {
         "workdir": str(args.workdir),
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(run.checkpoint),
         "metric": metric,
         "budget": what,
         "chosen": chosen,

@@ -12,19 +12,18 @@ GFLOPs and against img/s, one line per model: the shape of the paper's Fig. 2 an
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
 import torch
 
-from flexivit.checkpoint import CheckpointError, read_checkpoint
+from flexivit.files import CheckpointError
+from tasks import Run, RunError, TaskError, backbone_token_grid, load_run
 from tasks.common.config import Config, ConfigError, apply_overrides, load_config
-from tasks.common.deployment import PRECISIONS, autocast, autocast_dtype
-from tasks.common.profiling import count_gflops_fn, device_description, measure_throughput
-from tasks.common.reporting import markdown_table, plot_sweep, write_csv, write_markdown
-from tasks.common.train_state import latest_checkpoint, state_dict_mismatch
-from tasks.common.workdir import read_config
+from tasks.common.precision import PRECISIONS, autocast, autocast_dtype
+from tasks.common.train_state import CheckpointMismatchError
 from tools.arguments import positive_int
+from tools.lib.profiling import count_gflops_fn, device_description, measure_throughput
+from tools.lib.reporting import markdown_table, plot_sweep, write_csv, write_markdown
 
 # The columns of a sweep row that describe the measurement; the others are the task's metrics.
 DESCRIPTIVE = ("model", "precision", "patch_size", "grid", "tokens", "gflops", "img_per_s", "latency_ms")
@@ -33,8 +32,8 @@ DESCRIPTIVE = ("model", "precision", "patch_size", "grid", "tokens", "gflops", "
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", nargs="+", default=[], help="training workdirs (config.json + checkpoints/)")
-    parser.add_argument("--checkpoint", help="a checkpoint file instead of a workdir (needs --config)")
-    parser.add_argument("--config", help="config for --checkpoint, or to override a workdir's data settings")
+    parser.add_argument("--checkpoint", help="a training checkpoint file instead of a workdir (it holds its config)")
+    parser.add_argument("--config", help="a config to use instead of the saved one (e.g. other data)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--names", nargs="+", help="a display name per model (default: workdir names)")
     parser.add_argument("--patch-sizes", nargs="+", type=positive_int, help="default: the config's eval.patch_sizes")
@@ -45,48 +44,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _sources(args) -> list[tuple[str, Config, Path]]:
-    """``(name, config, checkpoint path)`` per model to evaluate."""
+def _sources(args) -> list[tuple[str, Run]]:
+    """``(name, run)`` per model to evaluate."""
     if args.checkpoint:
-        if not args.config:
-            raise SystemExit("--checkpoint needs --config (for the data and the task)")
-        if not Path(args.checkpoint).is_file():
-            raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
-        sources = [(Path(args.checkpoint).stem, config_file(args.config, args.set), Path(args.checkpoint))]
+        sources = [(Path(args.checkpoint).stem, open_run(args.checkpoint, args.config, args.set))]
     elif args.workdir:
-        sources = [(Path(w).name, *workdir_source(w, args.config, args.set)) for w in args.workdir]
+        sources = [(Path(w).name, open_run(w, args.config, args.set)) for w in args.workdir]
     else:
-        raise SystemExit("give --workdir DIR [DIR ...] or --checkpoint FILE --config CONFIG")
+        raise SystemExit("give --workdir DIR [DIR ...] or --checkpoint FILE")
     if args.names:
         if len(args.names) != len(sources):
             raise SystemExit(f"--names has {len(args.names)} names for {len(sources)} models")
-        sources = [(name, c, p) for name, (_, c, p) in zip(args.names, sources, strict=True)]
+        sources = [(name, run) for name, (_, run) in zip(args.names, sources, strict=True)]
     return sources
 
 
-def workdir_source(workdir: str | Path, config: str | None = None, overrides=()) -> tuple[Config, Path]:
-    """``(config, last checkpoint)`` of a training workdir; ``config`` (a config file) replaces its config.json, and
-    ``overrides`` (``--set`` strings) apply on top.
-
-    Every tool reads a workdir through here: a missing or damaged config.json, a bad override, or no checkpoint
-    ends the tool with one line naming the file or key and the way out.
-    """
-    workdir = Path(workdir)
-    path = workdir / "config.json"
-    if not workdir.is_dir():
-        raise SystemExit(f"{workdir}: no such workdir")
-    if not path.is_file():
-        raise SystemExit(f"{workdir} has no config.json: is it a training workdir?")
-    ckpt = latest_checkpoint(workdir)
-    if ckpt is None:
-        raise SystemExit(f"{workdir} has no checkpoint under checkpoints/")
-    if config:
-        return config_file(config, overrides), ckpt
+def open_run(source: str | Path, config: str | None = None, overrides=()) -> Run:
+    """:func:`tasks.load_run` for a tool: the model rebuilt from the workdir's newest checkpoint (or a checkpoint
+    file) alone; ``config`` (a config file) replaces the saved config and ``overrides`` (``--set`` strings) apply on
+    top, e.g. to evaluate on other data. Every problem ends the tool with one line naming the file or key."""
     try:
-        saved = read_config(path)
-    except ConfigError as e:
+        run = load_run(source, config_file(config, overrides) if config else None)
+    except (RunError, TaskError, CheckpointError, CheckpointMismatchError, ConfigError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from e
-    return _with_overrides(saved, overrides), ckpt
+    if overrides and not config:
+        run = run._replace(config=_with_overrides(run.config, overrides))
+    return run
 
 
 def config_file(spec: str, overrides=()) -> Config:
@@ -107,7 +90,7 @@ def _with_overrides(config: Config, overrides) -> Config:
 
 def check_patch_sizes(patch_sizes, image_size, what: str = "--patch-sizes", token_grid=None) -> list:
     """``patch_sizes`` (ints or (h, w) pairs), or an exit naming ``what``, the sizes and the image size when the
-    list is empty or a patch is larger than the image: ``token_grid`` (a task's :func:`task_token_grid`, default
+    list is empty or a patch is larger than the image: ``token_grid`` (the task's, default
     :func:`backbone_token_grid`) would be empty."""
     if not patch_sizes:
         raise SystemExit(f"{what} is empty: no patch size to run at (give --patch-sizes)")
@@ -123,32 +106,30 @@ def check_patch_sizes(patch_sizes, image_size, what: str = "--patch-sizes", toke
     return patches
 
 
-def sweep(
-    name: str, config: Config, checkpoint: Path, patch_sizes, device, *, timing_batch=32, timing=True, precision="fp32"
-) -> list:
+def sweep(name: str, run: Run, patch_sizes, device, *, timing_batch=32, timing=True, precision="fp32") -> list:
     """One row per patch size for one model: the task's metrics plus grid, tokens, GFLOPs, img/s and latency.
 
-    The task builds the model (``build_model``), the checkpoint's ``model`` state dict fills it, and the task's
-    ``image_forward(model)`` (default: the model itself) is counted and timed, called as ``fn(x, patch_size=p)``.
-    ``precision`` bf16 / fp16 runs the metrics and the timing under autocast (GFLOPs do not depend on it).
+    The task's ``image_forward(model)`` is counted and timed, called as ``fn(x, patch_size=p)``; the metrics need the
+    validation data, so this is where the data is read. ``precision`` bf16 / fp16 runs the metrics and the timing
+    under autocast (GFLOPs do not depend on it).
     """
     dtype = autocast_dtype(precision, device)
-    task = importlib.import_module(f"tasks.{config.task}")
+    task, config = run.task, run.config
     size = config.data.image_size
     given = "--patch-sizes" if patch_sizes else f"eval.patch_sizes of {name}'s config"
-    patches = check_patch_sizes(patch_sizes or config.eval.patch_sizes, size, given, task_token_grid(task))
-    _, _, val_set, info = task.build_datasets(config.data)
-    model = load_task_model(task, config, info, checkpoint).to(device).eval()
+    patches = check_patch_sizes(patch_sizes or config.eval.patch_sizes, size, given, task.token_grid)
+    _, _, val_set, _ = task.build_datasets(config.data)
+    model = run.model.to(device).eval()
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
     results = task.evaluate(model, val_set, patches, device, dtype, config.eval.batch_size)
-    forward, token_grid = image_forward(task, model), task_token_grid(task)
+    forward = task.image_forward(model)
     # Speed does not depend on pixel values: time a synthetic batch of the configured size (validation images may
     # differ in size, e.g. ADE20k).
     example = torch.randn(timing_batch, 3, *image_hw, device=device)
     rows = []
     for patch in patches:
         ph, pw = (patch, patch) if isinstance(patch, int) else patch
-        grid = token_grid(image_hw, (ph, pw))
+        grid = task.token_grid(image_hw, (ph, pw))
         row = {"model": name, "precision": precision, "patch_size": patch if isinstance(patch, int) else f"{ph}x{pw}",
                "grid": f"{grid[0]}x{grid[1]}", "tokens": grid[0] * grid[1],
                "gflops": count_gflops_fn(lambda x, p=patch: forward(x, patch_size=p), example)}  # fmt: skip
@@ -159,44 +140,6 @@ def sweep(
         row.update({("accuracy" if k == "top1" else k): v for k, v in results[patch].items() if k != "n"})
         rows.append(row)
     return rows
-
-
-def image_forward(task, model: torch.nn.Module):
-    """What is counted and timed per patch size: the task's ``image_forward(model)``, by default the model itself."""
-    return getattr(task, "image_forward", lambda m: m)(model)
-
-
-def task_token_grid(task):
-    """``fn(image_hw, (ph, pw)) -> (gh, gw)``: the backbone's (:func:`backbone_token_grid`), unless a task that pads
-    says so with its own ``token_grid``."""
-    return getattr(task, "token_grid", backbone_token_grid)
-
-
-def backbone_token_grid(image_hw, patch) -> tuple[int, int]:
-    """The backbone's token grid: it drops the border that the patches do not tile."""
-    return (image_hw[0] // patch[0], image_hw[1] // patch[1])
-
-
-def load_task_model(task, config: Config, info, checkpoint: Path) -> torch.nn.Module:
-    """The task's model with the weights of ``checkpoint`` (a training checkpoint or a saved model).
-
-    A checkpoint of another architecture ends the tool with one line naming the file and the parameters that differ
-    (shape in the file and in the model), not torch's size-mismatch text.
-    """
-    model_cfg = Config({**config.model, "init": None})  # the checkpoint holds the weights
-    model = task.build_model(model_cfg, info)
-    try:
-        state, _ = read_checkpoint(checkpoint)
-    except CheckpointError as e:  # a truncated or foreign file, named
-        raise SystemExit(str(e)) from e
-    problems = state_dict_mismatch(model.state_dict(), state, limit=3)
-    if problems:
-        raise SystemExit(
-            f"{checkpoint} does not fit the {config.task} model of the config ({config.model.name}): "
-            f"{'; '.join(problems)}. Give the config it was trained with (--config)"
-        )
-    model.load_state_dict(state)
-    return model
 
 
 def primary_metric(row: dict) -> str:
@@ -227,12 +170,11 @@ def main(argv=None) -> list[dict]:
         else (Path(args.workdir[0]) if args.workdir else Path(args.checkpoint).parent) / "eval"
     )
     rows = []
-    for name, config, checkpoint in sources:
-        print(f"evaluating {name} ({checkpoint}) ...", flush=True)
+    for name, run in sources:
+        print(f"evaluating {name} ({run.checkpoint}) ...", flush=True)
         rows += sweep(
             name,
-            config,
-            checkpoint,
+            run,
             args.patch_sizes,
             device,
             timing_batch=args.timing_batch,

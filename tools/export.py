@@ -18,18 +18,17 @@ checked against our model on a random batch before the command returns; the maxi
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
 import torch
 
 import flexivit
-from flexivit.checkpoint import atomic_write, atomic_write_text
-from tasks.common.deployment import backbone_of
-from tasks.common.export import EXPORTABLE, FixedSizeModel, example_input, export_onnx, export_program, load_program
+from flexivit.files import atomic_write, atomic_write_text
 from tools.arguments import non_negative_float, positive_int
-from tools.eval import check_patch_sizes, load_task_model, task_token_grid, workdir_source
+from tools.eval import check_patch_sizes, open_run
+from tools.lib.deployment import backbone_of
+from tools.lib.export import FixedSizeModel, example_input, export_onnx, export_program, load_program
 
 FORMATS = ("timm", "onnx", "torch-export")
 TIMM_NAME = "vit_base_patch16_224"  # any timm ViT name: the exported arguments set every shape
@@ -81,18 +80,25 @@ def check_onnx(path: Path, model: FixedSizeModel, batch: int = 3) -> float:
 
     x = example_input(model, batch)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": x.numpy()})
+    got = [torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()})]
     with torch.no_grad():
-        want = model(x)
-    return (torch.from_numpy(got) - want).abs().max().item()
+        want = _outputs(model(x))
+    return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
 
 
 def check_program(path: Path, model: FixedSizeModel, batch: int = 3) -> float:
     program, example = load_program(path)
     x = example_input(model, batch)
     with torch.no_grad():
-        diffs = [(program.module()(t) - model(t)).abs().max().item() for t in (example, x)]
-    return max(diffs)
+        pairs = [
+            (g, w) for t in (example, x) for g, w in zip(_outputs(program.module()(t)), _outputs(model(t)), strict=True)
+        ]
+    return max((g - w).abs().max().item() for g, w in pairs)
+
+
+def _outputs(output) -> list[torch.Tensor]:
+    """A forward's tensors in order: one, or a dict's values (detection: logits, boxes, ...)."""
+    return list(output.values()) if isinstance(output, dict) else [output]
 
 
 def _check(diff: float, atol: float, what: str) -> None:
@@ -102,26 +108,23 @@ def _check(diff: float, atol: float, what: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    config, checkpoint = workdir_source(args.workdir, args.config, args.set)
-    task_name = config.task
-    task = importlib.import_module(f"tasks.{task_name}")
+    run = open_run(args.workdir, args.config, args.set)
+    task, config, model = run.task, run.config, run.model
     size = args.image_size or config.data.image_size
     if not isinstance(size, int):
         raise SystemExit(f"tools.export takes a square image size; the config has {size} (give --image-size)")
-    check_patch_sizes([args.patch_size], size, "--patch-size", task_token_grid(task))
-    if args.format != "timm" and task_name not in EXPORTABLE:
-        raise SystemExit(f"--format {args.format} exports {', '.join(EXPORTABLE)} models, not {task_name}")
-    _, _, _, info = task.build_datasets(config.data)
-    model = load_task_model(task, config, info, checkpoint).eval()
+    check_patch_sizes([args.patch_size], size, "--patch-size", task.token_grid)
+    if args.format != "timm" and task.export_refusal:
+        raise SystemExit(f"--format {args.format}: the {task.name} task cannot be exported: {task.export_refusal}")
     out = Path(args.out)
     if args.format == "timm":
         backbone = backbone_of(model)
         if backbone is not model:
-            print(f"{task_name}: exporting the backbone only (its head is not a timm module)")
+            print(f"{task.name}: exporting the backbone only (its head is not a timm module)")
         diff = export_timm(backbone, args.patch_size, size, out, args.atol)
         print(f"wrote {out} and {out.with_suffix('.json')}: timm logits differ from ours by at most {diff:.2e}")
         return {"out": str(out), "max_abs_diff": diff}
-    fixed = FixedSizeModel(task_name, model, args.patch_size, size)
+    fixed = FixedSizeModel(task, model, args.patch_size, size)
     example = example_input(fixed, 2)
     if args.format == "onnx":
         export_onnx(fixed, out, example)

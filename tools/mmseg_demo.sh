@@ -2,11 +2,14 @@
 # The mmsegmentation plug-in on the embedded default: configs/mmseg/segmenter_linear_flexivit-mu_1xb16-1k_scenes-96x96.py
 # trained with mmseg's own tools/train.py (a random patch size per iteration), then tested with its tools/test.py at
 # every patch size (model.backbone.test_patch_size). Needs the mmseg stack, the main job's backbone and the scenes:
-#   bash tools/install_mmseg.sh; bash tools/segmentation_demo.sh (or bash tools/main.sh + tools.make_scenes)
-#   bash tools/mmseg_demo.sh            (about 6 minutes on 2 CPU cores)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-py=.venv/bin/python
+# it makes what is missing first (the main job ~8 minutes on 2 cores, the scenes ~15 s, the mmseg stack ~12 minutes
+# once), so it runs from a fresh clone:
+#   bash tools/mmseg_demo.sh            (about 6 minutes on 2 CPU cores once those exist)
+source "$(dirname "$0")/demo_env.sh"  # repository root, $py, the main job's backbone (trained when missing)
+bash tools/install_mmseg.sh
+if [ ! -f data/scenes/scenes.json ]; then
+  $py -m tools.make_scenes --out data/scenes --num-train 2000 --num-val 200 --seed 0
+fi
 mim=$($py -c "import mmseg, os; print(os.path.join(os.path.dirname(mmseg.__file__), '.mim', 'tools'))")
 config=configs/mmseg/segmenter_linear_flexivit-mu_1xb16-1k_scenes-96x96.py
 work=${1:-runs/mmseg_scenes}

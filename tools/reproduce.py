@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 
 import flexivit
-from flexivit.checkpoint import atomic_write
+from flexivit.files import atomic_write
 from tasks import classification
 from tasks.common.config import Config
-from tasks.common.profiling import device_description
-from tasks.common.reporting import markdown_table, plot_sweep
 from tasks.common.train_state import latest_checkpoint
 from tools import eval as eval_tool
 from tools import train
+from tools.lib.profiling import device_description
+from tools.lib.reporting import markdown_table, plot_sweep
 
 FMNIST = "configs/classification/fashion_mnist.py"
 DISTILL = "configs/classification/fashion_mnist_distill.py"
@@ -115,8 +115,8 @@ class Runner:
         if cached.get("key") == key:
             rows = cached["rows"]
         else:
-            config = Config(json.loads((workdir / "config.json").read_text()))
-            rows = eval_tool.sweep(label, config, checkpoint, EVAL_SIZES, torch.device("cpu"), timing=False)
+            run = eval_tool.open_run(workdir)
+            rows = eval_tool.sweep(label, run, EVAL_SIZES, torch.device("cpu"), timing=False)
             atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "rows": rows})))
         return [{**row, "model": label} for row in rows]
 

@@ -21,7 +21,7 @@ $py -m tools.eval --workdir runs/seg_scenes_flexi runs/seg_scenes_p16 runs/seg_s
 # mIoU against cost (tools.eval plots the first metric column it finds; this plots mIoU explicitly).
 $py - <<'PY'
 import csv
-from tasks.common.reporting import plot_sweep
+from tools.lib.reporting import plot_sweep
 
 rows = list(csv.DictReader(open("runs/segmentation_eval/sweep.csv")))
 plot_sweep(rows, "runs/segmentation_eval/sweep_miou.png", metric="mIoU", title="mIoU and cost per patch size")

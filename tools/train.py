@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import signal
@@ -34,7 +33,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import flexivit
-from flexivit.checkpoint import atomic_write_text, flexify_state_dict, load_state_dict
+from flexivit.checkpoint import load_state_dict
+from flexivit.convert import flexify_state_dict
+from flexivit.files import atomic_write_text
+from tasks import TaskError, check_engine_features, get_task
 from tasks.common import distributed
 from tasks.common import workdir as run_dir
 from tasks.common.config import (
@@ -48,6 +50,7 @@ from tasks.common.config import (
 )
 from tasks.common.loader import train_loader
 from tasks.common.optim import build_optimizer, build_scheduler, freeze
+from tasks.common.precision import PRECISIONS, autocast
 from tasks.common.train_state import latest_checkpoint, load_latest_train_state, resolve_checkpoint, save_train_state
 from tasks.common.transforms import InputRenormalization, as_value_range
 from tasks.common.writers import MetricWriter
@@ -169,9 +172,10 @@ def main(argv=None) -> dict:
     rank, _, device = distributed.init()
     world = distributed.world_size()
     main_process = distributed.is_main()
+    task = get_task(config.task)
     check_engine_settings(config, world, device)
+    check_engine_features(task, config)  # a setting the task would ignore is refused by name
     torch.manual_seed(config.seed + rank)
-    task = importlib.import_module(f"tasks.{config.task}")
     train_cfg, optim_cfg, eval_cfg = config.train, config.optim, config.eval
 
     # ------------------------------------------------------------------------------------------ input pipeline
@@ -186,11 +190,14 @@ def main(argv=None) -> dict:
             # Sec. 3.5: start the student at the teacher: kernel PI-resized, posemb resized to the underlying sizes.
             weights = flexify_state_dict(_unwrap(teacher).state_dict(), model, source="teacher")
             load_state_dict(model, weights, source="teacher")
+    loss_fn = task.make_loss(config, info, teacher)  # reads the config once: no step reads it
     freeze(model, optim_cfg.frozen)
     # Counted after the task built the model: a task may freeze parameters itself (LiT locks its image tower).
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    if train_cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+    if train_cfg.grad_checkpointing:  # every tower that can (FlexiViTs, text transformers), whatever the task
+        for module in model.modules():
+            if hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(True)
     model.to(device)
     sampler = flexivit.build_sampler(**{"seed": config.seed, **config.patch_sizes})
     eval_patches = [p if isinstance(p, int) else tuple(p) for p in eval_cfg.patch_sizes]
@@ -213,7 +220,7 @@ def main(argv=None) -> dict:
         end_factor=optim_cfg.end_factor,
     )
     precision = train_cfg.precision
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast_dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     accum = optim_cfg.accum_steps
     start_step = 0
@@ -249,7 +256,7 @@ def main(argv=None) -> dict:
         world=world,
         start_step=start_step,
         num_workers=config.data.num_workers,
-        collate_fn=getattr(task, "collate", None),
+        collate_fn=task.collate,
     )
     writer = MetricWriter(workdir, enabled=main_process, start_step=start_step)
     if main_process:
@@ -286,10 +293,10 @@ def main(argv=None) -> dict:
             torch.manual_seed(step_seed(config.seed, step, rank))
 
             def micro_loss(micro_batch, patch=patch, step=step):
-                return task.train_loss(net, micro_batch, patch, step=step, config=config, teacher=teacher)
+                return loss_fn(net, micro_batch, patch, step)
 
             step_loss, terms = accumulate_gradients(
-                net, micro_loss, batch, accum, autocast=lambda: _autocast(device, autocast_dtype), scaler=scaler
+                net, micro_loss, batch, accum, autocast=lambda: autocast(device, autocast_dtype), scaler=scaler
             )
             # One call for the loss, its terms and whether any rank got Ctrl-C (so every rank stops after this step).
             stop_flag = torch.tensor(float(ctrl_c.requested), device=step_loss.device)
@@ -343,6 +350,7 @@ def main(argv=None) -> dict:
                     scaler,
                     config,
                     keep=train_cfg.keep_ckpts,
+                    info=info,
                 )
             if stop:
                 writer.close()
@@ -416,10 +424,6 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.model if isinstance(module, InputRenormalization) else module
 
 
-def _autocast(device: torch.device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _name(patch) -> str | int:
     return patch if isinstance(patch, int) else "x".join(map(str, patch))
 
@@ -450,7 +454,7 @@ def cli(argv=None) -> None:
     except Exception as error:
         if os.environ.get("FLEXIVIT_TRACEBACK") or not isinstance(error, ValueError | OSError | LookupError):
             raise
-        usage = isinstance(error, ConfigError | run_dir.WorkdirError)
+        usage = isinstance(error, ConfigError | run_dir.WorkdirError | TaskError)
         message = str(error) if not isinstance(error, KeyError) else str(error.args[0])
         print(f"tools.train: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2 if usage else 1) from None

@@ -131,7 +131,7 @@ def _keys(node: Any) -> str:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as JSON, atomically (a crash leaves the previous file whole)."""
-    from flexivit.checkpoint import atomic_write_text
+    from flexivit.files import atomic_write_text
 
     atomic_write_text(path, config.to_json() + "\n")
 

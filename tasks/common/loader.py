@@ -68,7 +68,8 @@ class StepBatches(Sampler):
     Epoch ``e`` is a permutation drawn from ``(seed, e)``; step ``s`` takes global batch ``s % steps_per_epoch``
     of epoch ``s // steps_per_epoch`` (the incomplete last batch is dropped) and rank ``r`` its ``r``-th slice.
     The permutation and the items' augmentation seeds are drawn once per epoch and kept: a step costs O(batch)
-    (at ImageNet-21k's 13M images, drawing them per step cost ~0.3 s and 200 MB; tools/benchmark.py measures it).
+    (at ImageNet-21k's 13M images, drawing them per step cost ~0.3 s and 200 MB;
+    ``python -m tools.benchmarks.sampler`` measures it).
     """
 
     def __init__(

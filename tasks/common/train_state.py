@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from flexivit.checkpoint import CheckpointError, atomic_write, torch_load
+from flexivit.files import CheckpointError, atomic_write, torch_load
 
 _NAME = re.compile(r"ckpt_(\d+)\.pt$")
 
@@ -95,6 +95,18 @@ def state_dict_mismatch(expected: dict, found: dict, limit: int = 8) -> list[str
         for kind, items in kinds.items()
         if items
     ]
+
+
+def load_weights(model: torch.nn.Module, state: dict, path) -> torch.nn.Module:
+    """``model`` with the weights of ``state`` (read from ``path``), loaded strictly: what does not fit is named, one
+    line per kind, instead of torch's size-mismatch text. For the tasks' ``load_model``."""
+    problems = state_dict_mismatch(model.state_dict(), state, limit=3)
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path}: its weights do not fit the model its model_kwargs describe:\n  " + "\n  ".join(problems)
+        )
+    model.load_state_dict(state)
+    return model
 
 
 def load_train_state(path, model, optimizer, scheduler, scaler) -> int:

@@ -20,30 +20,31 @@ def _to_channels(channels: int) -> v2.Transform:
     raise ValueError(f"channels must be 1 or 3, got {channels}")
 
 
-def _normalize(value_range: ValueRange, channels: int) -> list[v2.Transform]:
-    """Map pixels, already scaled to [0, 1], to ``value_range``.
+def normalize(value_range: ValueRange, channels: int = 3) -> v2.Transform:
+    """Map pixels, already scaled to [0, 1], to ``value_range``: the one input normalisation of every task.
 
     ``(lo, hi)`` maps [0, 1] linearly onto [lo, hi]: (-1, 1) is mean = std = 0.5, the big_vision
     convention; (0, 1) leaves pixels as they are. "imagenet" standardises with the ImageNet statistics.
     """
+    value_range = as_value_range(value_range)
     if value_range == "imagenet":
         if channels != 3:
             raise ValueError('value_range="imagenet" needs channels=3 (the statistics are per RGB channel)')
-        return [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if isinstance(value_range, str):
         raise ValueError(f'value_range must be (lo, hi) or "imagenet", got {value_range!r}')
     lo, hi = (float(v) for v in value_range)
     if not hi > lo:
         raise ValueError(f"value_range needs lo < hi, got {value_range}")
     if (lo, hi) == (0.0, 1.0):
-        return []
+        return v2.Identity()
     # (x - mean) / std = lo + x * (hi - lo)  =>  std = 1 / (hi - lo), mean = -lo / (hi - lo)
-    return [v2.Normalize([-lo / (hi - lo)] * channels, [1.0 / (hi - lo)] * channels)]
+    return v2.Normalize([-lo / (hi - lo)] * channels, [1.0 / (hi - lo)] * channels)
 
 
 def _to_float(value_range: ValueRange, channels: int) -> list[v2.Transform]:
     # ToPureTensor last: downstream code gets a plain torch.Tensor, not a tv_tensors.Image subclass.
-    return [v2.ToDtype(torch.float32, scale=True), *_normalize(value_range, channels), v2.ToPureTensor()]
+    return [v2.ToDtype(torch.float32, scale=True), normalize(value_range, channels), v2.ToPureTensor()]
 
 
 def train_transform(

@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from flexivit.checkpoint import atomic_write_text
+from flexivit.files import atomic_write_text
 from tasks.common.config import Config, ConfigError
 from tasks.common.train_state import checkpoints
 

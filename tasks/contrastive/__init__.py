@@ -1,6 +1,8 @@
 """Image-text contrastive training on a FlexiViT image tower: LiT, FlexiLiT, CLIP / FlexiCLIP (paper Sec. 4, 5.2).
 
-The task's face for the engine: ``build_datasets``, ``build_model``, ``train_loss``, ``evaluate``, ``image_forward``.
+The task's face (tasks/__init__.py, :data:`TASK`): ``build_datasets``, ``build_model``, ``make_loss``, ``evaluate``,
+``load_model``, ``predict`` (the texts that best match a user's images) and ``image_forward`` (the normalised image
+embedding).
 
 - LiT: ``model.lock_image=True`` and a fixed patch size: the text tower learns to match the locked image
   embeddings at that one sequence length.
@@ -16,15 +18,17 @@ on the validation captions, at every patch size of ``eval.patch_sizes``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import flexivit
+from tasks import Prediction, Task, ranked_predictions
 from tasks.common.datasets import build_dataset, require_examples, take
 from tasks.common.distributed import unwrap
-from tasks.common.train_state import resolve_checkpoint
-from tasks.common.transforms import as_value_range, eval_transform, train_transform
+from tasks.common.train_state import load_weights, resolve_checkpoint
+from tasks.common.transforms import as_value_range, data_eval_transform, eval_transform, train_transform
 
 from .data import CaptionPairs, ImageTextSet, decode_captions, read_karpathy, read_pairs_file, read_tar_shards
 from .evaluators import (
@@ -74,8 +78,6 @@ def build_datasets(data, distill=None) -> tuple:
     Training items are ``(image, encoded caption)``, one per (image, caption) pair; ``data.train_examples`` and
     ``data.val_examples`` keep a fixed random subset of images (with all their captions).
     """
-    if distill:
-        raise ValueError("the contrastive task has no distillation: set distill=None")
     value_range = as_value_range(data.value_range)
     train_tf = train_transform(
         data.image_size, crop_scale=tuple(data.crop_scale), hflip=data.hflip, value_range=value_range
@@ -119,28 +121,32 @@ def build_model(model_cfg, info=None) -> ImageTextModel:
     )
 
 
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
-    """``(loss, terms)``: the contrastive loss of one (micro-)batch of (image, caption) pairs, images at ``patch_size``.
+def make_loss(config, info: dict, teacher=None):
+    """``loss(net, batch, patch_size, step) -> (loss, terms)``: the contrastive loss ``model.loss`` of one
+    (micro-)batch of (image, caption) pairs, images at ``patch_size``.
 
     The patch size is the engine's: fixed for LiT / CLIP, drawn per step from ``(seed, step)`` for FlexiLiT /
-    FlexiCLIP, the same on every rank. Negatives are the other pairs of the (global) batch.
+    FlexiCLIP, the same on every rank. Negatives are the other pairs of the (global) batch. No engine feature
+    (consistency, distillation, mixup) applies: the engine refuses them (``TASK.engine_features``).
     """
-    if teacher is not None:
-        raise ValueError("the contrastive task has no distillation: set distill=None")
-    images, captions = batch
-    tokens = unwrap(net).tokenize(decode_captions(captions)).to(images.device, non_blocking=True)
-    out = net(images, tokens, patch_size=patch_size)  # through the DDP wrapper, so that gradients are synchronised
-    loss = contrastive_loss(config.model.loss, **out)
-    return loss, {config.model.loss: loss, "logit_scale": out["logit_scale"].detach()}
+    kind = config.model.loss
+
+    def loss_fn(net, batch, patch_size, step: int) -> tuple[torch.Tensor, dict]:
+        images, captions = batch
+        tokens = unwrap(net).tokenize(decode_captions(captions)).to(images.device, non_blocking=True)
+        out = net(images, tokens, patch_size=patch_size)  # through the DDP wrapper, so that gradients are synchronised
+        loss = contrastive_loss(kind, **out)
+        return loss, {kind: loss, "logit_scale": out["logit_scale"].detach()}
+
+    return loss_fn
 
 
 @torch.no_grad()
+@flexivit.in_eval_mode
 def evaluate(
     model, val_set: EvalData, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size: int = 256
 ) -> dict:
     """``{patch: metrics}``: zero-shot ``top1`` / ``top5`` and retrieval ``i2t_r{1,5,10}`` / ``t2i_r{1,5,10}``."""
-    was_training = model.training
-    model.eval()
     results = {patch: {} for patch in patch_sizes}
     if val_set.zeroshot is not None:
         classifier = zeroshot_classifier(model, val_set.classnames, val_set.templates, device).cpu()
@@ -153,10 +159,64 @@ def evaluate(
         features, index = encode_images(model, val_set.retrieval, patch_sizes, device, autocast_dtype, batch_size)
         for patch in patch_sizes:
             results[patch].update(retrieval_metrics(features[patch], text_features, relevant[index]))
-    model.train(was_training)
     return results
 
 
 def image_forward(model: ImageTextModel):
-    """The image tower with its projection, as ``fn(images, patch_size=p)``: what ``tools.eval`` counts and times."""
-    return lambda images, patch_size=None: model.encode_image(images, patch_size=patch_size)
+    """The image tower with its projection and L2 normalisation, as ``fn(images, patch_size=p)``: what the tools
+    count, time and export (the embedding that is compared with the text embeddings)."""
+    return lambda images, patch_size=None: model.encode_image(images, patch_size, normalize=True)
+
+
+def load_model(path: str | Path) -> ImageTextModel:
+    """The two-tower model of a checkpoint the engine wrote (a file, or a workdir: its last one), from the file
+    alone: both towers rebuilt from its ``model_kwargs`` (the text tower by its ``kind``), with its weights."""
+    path = resolve_checkpoint(path)
+    state, meta = flexivit.read_checkpoint(path)
+    kwargs = meta.get("model_kwargs") or {}
+    if "image" not in kwargs or "text" not in kwargs:
+        raise flexivit.CheckpointError(
+            f"{path} is not a contrastive checkpoint (its model_kwargs {sorted(kwargs)} have no 'image' and 'text')"
+        )
+    model = ImageTextModel.from_kwargs(kwargs)
+    return load_weights(model, state, path)
+
+
+def class_prompts(config, info: dict) -> list[str]:
+    """The zero-shot class prompts: the first of ``data.zeroshot.templates`` filled with each class name."""
+    templates = list((config.data.zeroshot or {}).get("templates") or ["{}"])
+    return [templates[0].format(name) for name in (info or {}).get("classnames", [])]
+
+
+def predict(model: ImageTextModel, config, info: dict, images, patch_size, options: dict) -> list[Prediction]:
+    """The ``topk`` (default 3) ``queries`` nearest to each image by cosine similarity of the embeddings (default
+    queries: the zero-shot class prompts, :func:`class_prompts`)."""
+    queries = options.get("queries") or class_prompts(config, info)
+    queries = [queries] if isinstance(queries, str) else list(queries)
+    if not queries:
+        raise ValueError(
+            "the contrastive model needs texts to match: give --queries (its config has no zero-shot class names)"
+        )
+    transform = data_eval_transform(config.data)
+    device = next(model.parameters()).device
+    x = torch.stack([transform(image) for image in images]).to(device)  # (B, C, S, S)
+    with torch.no_grad():
+        texts = model.encode_text(model.tokenize(queries).to(device), normalize=True).float()  # (Q, D)
+        similarity = model.encode_image(x, patch_size, normalize=True).float() @ texts.T  # (B, Q)
+    # Queries quoted in the summary: one may hold commas.
+    k = options.get("topk", 3)
+    return ranked_predictions(similarity, queries, k, name="query", score="similarity", fmt=".3f", show=repr)
+
+
+TASK = Task(
+    name="contrastive",
+    build_datasets=build_datasets,
+    build_model=build_model,
+    make_loss=make_loss,
+    evaluate=evaluate,
+    load_model=load_model,
+    predict=predict,
+    predict_options=("queries", "topk"),
+    image_forward=image_forward,
+    runlocal="configs/contrastive/fashion_mnist.py:runlocal",
+)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from tasks.common import distributed
 from tasks.common.loader import eval_loader
+from tasks.common.precision import autocast
 
 from .data import ImageTextSet
 
@@ -124,10 +125,6 @@ def zeroshot_metrics(image_features: torch.Tensor, classifier: torch.Tensor, lab
 # ------------------------------------------------------------------------------------------------ embedding
 
 
-def _autocast(device: torch.device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def encode_images(
     model, dataset: Dataset, patch_sizes: Sequence, device, autocast_dtype=None, batch_size: int = 256
@@ -140,7 +137,7 @@ def encode_images(
     for images, extra in eval_loader(dataset, batch_size=batch_size, rank=rank, world=world):
         images = images.to(device)
         for patch in patch_sizes:
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 features[patch].append(model.encode_image(images, patch_size=patch, normalize=True).float().cpu())
         extras.append(torch.as_tensor(extra))
     n = len(dataset)
@@ -154,7 +151,7 @@ def encode_texts(model, texts: Sequence[str], device, autocast_dtype=None, batch
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = model.tokenize(list(texts[start : start + batch_size])).to(device)
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             out.append(model.encode_text(tokens, normalize=True).float().cpu())
     return torch.cat(out)
 

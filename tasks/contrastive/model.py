@@ -169,6 +169,14 @@ class ImageTextModel(nn.Module):
             bias_init=bias_init,
         )
 
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> ImageTextModel:
+        """A fresh model (random weights) of the architecture ``kwargs`` describe: the :attr:`kwargs` of one, as the
+        engine saves them in every checkpoint (``image``: the FlexiViT's arguments; ``text``: the tower's ``kind``
+        and arguments)."""
+        rest = {k: v for k, v in kwargs.items() if k not in ("image", "text")}
+        return cls(image=flexivit.FlexiViT(**kwargs["image"]), text=build_text_tower(**kwargs["text"]), **rest)
+
     def train(self, mode: bool = True) -> ImageTextModel:
         super().train(mode)
         if self.lock_image:
@@ -181,7 +189,10 @@ class ImageTextModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor, patch_size=None, *, normalize: bool = False) -> torch.Tensor:
         """(B, C, H, W) -> (B, embed_dim) at ``patch_size``."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_image):
+        # A locked tower runs without autograd (no activations kept). Not while torch.export / compile traces: its
+        # frozen weights record no graph anyway, and an exported program cannot hold a grad-mode switch.
+        no_grad = self.lock_image and not torch.compiler.is_compiling()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad):
             pooled = self.image.forward_features(images, patch_size)["pooled"]  # (B, width)
         features = self.image_proj(pooled)
         return F.normalize(features, dim=-1) if normalize else features

@@ -1,14 +1,19 @@
 """Open-vocabulary detection: OWL-ViT heads on a FlexiViT image-text model, LVIS / COCO AP at every patch size.
 
 The paper transfers FlexiViT to OWL-ViT (Sec. 4) and trains it flexified, one random patch size per step (Sec. 5.3).
-The task's face for the engine (tools/train.py, tools/eval.py): ``build_datasets``, ``build_model``, ``train_loss``,
-``evaluate``, ``collate`` and ``image_forward``. Fixed and flexified training differ only in the engine's sampler.
+Its face for the engine and the tools is ``TASK`` (tasks/__init__.py's contract): ``build_datasets``, ``build_model``,
+``make_loss``, ``evaluate``, ``load_model`` (from the checkpoint alone: the prompts' class names and templates are
+constructor arguments), ``predict`` (free-text queries on a user's images), ``image_forward`` (exported at one patch
+size with the queries as constants) and ``collate``; no engine feature (consistency, distillation, mixup). Fixed and
+flexified training differ only in the engine's sampler.
 
     model.py       box bias (from the current grid), box / class / objectness heads, OwlViT, prompt templates
     losses.py      Hungarian matching, sigmoid focal loss, L1 + GIoU box losses, per-image / global normalisation
-    data.py        COCO / LVIS / labelme readers, rare-class removal, federated query sets
+    data.py        COCO / LVIS / labelme readers, rare-class removal
+    queries.py     federated query sets: positives, verified negatives, frequency-weighted random negatives
     transforms.py  flip, random crop, resize-with-pad, mosaics on tv_tensors.BoundingBoxes; collate
     evaluation.py  top-300 detections, streamed results, LVISEval / COCOeval wrappers, class-wise NMS
+    inference.py   predict on user images: eval preprocessing, threshold + class-wise NMS, boxes drawn with labels
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import flexivit
+from tasks import Task
 from tasks.common import distributed
 from tasks.common.loader import JointTransform
+from tasks.common.precision import autocast
 from tasks.common.scenes import ensure_generated
-from tasks.common.train_state import resolve_checkpoint
+from tasks.common.train_state import load_weights, resolve_checkpoint
 from tasks.common.transforms import as_value_range
 from tasks.contrastive.model import build_text_tower
 
@@ -44,8 +51,10 @@ from .evaluation import (
     to_pixel_xywh,
     top_k_detections,
 )
+from .inference import PREDICT_OPTIONS, predict
 from .losses import detection_loss
-from .model import PROMPT_TEMPLATES_LVIS_EVAL, PROMPT_TEMPLATES_TRAIN, OwlViT
+from .model import OwlViT, prompt_templates
+from .queries import frequency_weights
 from .transforms import EvalTransform, TrainTransform, collate, collate_eval
 
 __all__ = [
@@ -54,7 +63,9 @@ __all__ = [
     "EvalSet",
     "EvalTransform",
     "OwlViT",
+    "PREDICT_OPTIONS",
     "ResultsWriter",
+    "TASK",
     "TrainTransform",
     "build_datasets",
     "build_model",
@@ -67,13 +78,11 @@ __all__ = [
     "image_forward",
     "load_model",
     "lvis_evaluate",
+    "make_loss",
+    "predict",
     "to_pixel_xywh",
-    "token_grid",
     "top_k_detections",
-    "train_loss",
 ]
-
-TEMPLATES = {"clip": PROMPT_TEMPLATES_TRAIN, "lvis": PROMPT_TEMPLATES_LVIS_EVAL}
 
 
 @dataclass
@@ -90,10 +99,6 @@ class EvalSet:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def _templates(value) -> list[str]:
-    return list(TEMPLATES[value]) if isinstance(value, str) else list(value)
 
 
 def _read(data, split: str) -> det_data.DetectionDataset:
@@ -119,13 +124,13 @@ def _rare_gt(val_json: str, rare: Sequence[str]) -> Path:
 
 
 def build_datasets(data, distill=None) -> tuple:
-    """``(train set, joint train transform, EvalSet, {"classnames": prompt names})``.
+    """``(train set, joint train transform, EvalSet, info)``; ``info`` = ``{"classnames": the prompts' names,
+    "train_templates": [...]}``, plain lists of strings (saved in every checkpoint). ``distill`` is unused: the task
+    has no distillation, which the engine refuses by name (``TASK.engine_features``).
 
     Rare classes (``data.rare_classes``, else the JSON's 'r' categories) are removed from training entirely and
     never enter a query set, so APr is zero-shot (docs/reference.md §8).
     """
-    if distill:
-        raise ValueError("detection has no distillation: set distill=None")
     ensure_generated("ade20k", data.root, data.generate)  # every annotation format is written with the scenes
     train = _read(data, "train")
     if data.rare_classes is not None:
@@ -139,7 +144,7 @@ def build_datasets(data, distill=None) -> tuple:
         data.image_size,
         dataset=train,
         num_queries=data.num_queries,
-        class_weights=det_data.frequency_weights(train),
+        class_weights=frequency_weights(train),
         hflip=data.hflip,
         crop_area=crop_area,
         crop_aspect=tuple(data.crop_aspect),
@@ -169,9 +174,9 @@ def build_datasets(data, distill=None) -> tuple:
         gt_json=gt,
         format=data.format,
         classnames=classnames,
-        templates=_templates(data.eval_templates),
+        templates=prompt_templates(data.eval_templates),
     )
-    info = {"classnames": classnames, "train_templates": _templates(data.train_templates)}
+    info = {"classnames": classnames, "train_templates": prompt_templates(data.train_templates)}
     return train, JointTransform(train_tf), val_set, info
 
 
@@ -190,7 +195,7 @@ def build_model(model_cfg, info=None) -> OwlViT:
     text_proj = torch.nn.Linear(text.width, embed_dim, bias=False) if model_cfg.text_proj else torch.nn.Identity()
     info = info or {}
     # The prompts' class names and the training templates are constructor arguments, so model.kwargs (hence every
-    # checkpoint) carries them: train_loss and image_forward see only the model, and load_model only the file.
+    # checkpoint) carries them: the loss and image_forward see only the model, and load_model only the file.
     model = OwlViT(
         image,
         text,
@@ -247,45 +252,53 @@ def load_model(path: str | Path) -> OwlViT:
         raise flexivit.CheckpointError(f"{path} is not a detection checkpoint (its model_kwargs have no 'objectness')")
     if not kwargs.get("query_names"):
         warnings.warn(
-            f"{path} stores no query_names (a checkpoint from before they were saved): train_loss needs them and "
+            f"{path} stores no query_names (a checkpoint from before they were saved): the loss needs them and "
             "image_forward queries 'object'; rebuild with build_model(model_cfg, info) and load the state into it",
             stacklevel=2,
         )
     model = OwlViT.from_kwargs(kwargs)
-    model.load_state_dict(state)
-    return model
+    return load_weights(model, state, path)
 
 
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
-    """``(loss, terms)`` of one (micro-)batch at ``patch_size``: OWL-ViT's matched focal + L1 + GIoU loss.
+def make_loss(config, info, teacher=None):
+    """``loss(net, batch, patch_size, step) -> (loss, terms)``: OWL-ViT's matched focal + L1 + GIoU loss of one
+    (micro-)batch at ``patch_size``.
 
-    Each class of the batch's query sets is prompted with one template drawn at random for this step (the global
-    RNG, which the engine seeds from ``(seed, step, rank)``), as OWL-ViT trains (docs/reference.md §8).
+    The loss has no settings (OWL-ViT's weights, alpha and gamma) and the prompts' class names and templates are the
+    model's own (``model.kwargs``, the same ``info`` built it), so nothing is read from ``config`` or ``info``; there
+    is no teacher (``engine_features`` is empty: the engine refuses ``distill``). Each class of the batch's query
+    sets is prompted with one template drawn at random for the step (the global RNG, which the engine seeds from
+    ``(seed, step, rank)``), as OWL-ViT trains (docs/reference.md §8).
     """
-    if teacher is not None:
-        raise ValueError("detection has no distillation: set distill=None")
-    images, boxes, box_valid, labels, queries, query_valid = batch
-    model = distributed.unwrap(net)
-    classes = torch.unique(queries[query_valid])  # sorted class indices of this batch's valid query slots
-    names, templates = model.query_names, model.train_templates
-    if not names:
-        raise ValueError(
-            "the model has no query_names (the class names its prompts name): build it with build_model(model_cfg, "
-            "info) from the task's datasets, or load a checkpoint that stores them"
+    del config, info, teacher
+
+    def loss(net, batch, patch_size, step: int) -> tuple[torch.Tensor, dict]:
+        images, boxes, box_valid, labels, queries, query_valid = batch
+        # Only the prompts and the tokenizer are read from the model; the forward goes through the (DDP) wrapper.
+        model = distributed.unwrap(net)
+        classes = torch.unique(queries[query_valid])  # sorted class indices of this batch's valid query slots
+        names, templates = model.query_names, model.train_templates
+        if not names:
+            raise ValueError(
+                "the model has no query_names (the class names its prompts name): build it with "
+                "build_model(model_cfg, info) from the task's datasets, or load a checkpoint that stores them"
+            )
+        picks = torch.randint(len(templates), (len(classes),)).tolist()
+        texts = [templates[t].format(names[c]) for t, c in zip(picks, classes.tolist(), strict=True)]
+        if not texts:  # no image of the batch has a valid query: a degenerate batch, but still a graph for DDP
+            texts, classes = [names[0]], torch.zeros(1, dtype=torch.long, device=queries.device)
+        tokens = model.tokenize(texts).to(images.device, non_blocking=True)
+        index = torch.searchsorted(classes.to(queries.device), queries.clamp(min=0)).clamp(max=len(texts) - 1)
+        out = net(images, query_valid=query_valid, patch_size=patch_size, query_tokens=tokens, query_index=index)
+        return detection_loss(
+            out["logits"], out["boxes"], boxes, box_valid, labels, query_valid, objectness=out.get("objectness")
         )
-    picks = torch.randint(len(templates), (len(classes),)).tolist()
-    texts = [templates[t].format(names[c]) for t, c in zip(picks, classes.tolist(), strict=True)]
-    if not texts:  # no image of the batch has a valid query: a degenerate batch, but still a graph for DDP
-        texts, classes = [names[0]], torch.zeros(1, dtype=torch.long, device=queries.device)
-    tokens = model.tokenize(texts).to(images.device, non_blocking=True)
-    index = torch.searchsorted(classes.to(queries.device), queries.clamp(min=0)).clamp(max=len(texts) - 1)
-    out = net(images, query_valid=query_valid, patch_size=patch_size, query_tokens=tokens, query_index=index)
-    return detection_loss(
-        out["logits"], out["boxes"], boxes, box_valid, labels, query_valid, objectness=out.get("objectness")
-    )
+
+    return loss
 
 
 @torch.no_grad()
+@flexivit.in_eval_mode
 def evaluate(
     model: OwlViT, val_set: EvalSet, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size=8
 ) -> dict:
@@ -297,8 +310,6 @@ def evaluate(
     (never all images' logits in memory) and scored by LVISEval (format "lvis") or COCOeval ("coco"). Each rank
     predicts every world-th image; the main process gathers the results and scores them.
     """
-    was_training = model.training
-    model.eval()
     world, rank = distributed.world_size(), distributed.rank()
     images = val_set.images
     loader = DataLoader(Subset(images, range(rank, len(images), world)), batch_size=batch_size, collate_fn=collate_eval)
@@ -312,7 +323,7 @@ def evaluate(
             path = out_dir / f"results_p{flexivit.patch_sizes.patch_size_name(patch)}.rank{rank}.json"
             with ResultsWriter(path) as writer:
                 for batch_images, targets in loader:
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    with autocast(device, autocast_dtype):
                         out = model(batch_images.to(device), queries, None, patch_size=patch)
                     for b, target in enumerate(targets):
                         objectness = out["objectness"][b] if "objectness" in out else None
@@ -328,7 +339,6 @@ def evaluate(
             metrics = distributed.on_main(_score, val_set, parts, image_ids)
             # A metric the ground truth leaves undefined (no large boxes, no 'c' class: NaN) is left out.
             results[patch] = {k: v for k, v in metrics.items() if not math.isnan(v)} | {"n": len(images)}
-    model.train(was_training)
     return results
 
 
@@ -340,20 +350,31 @@ def _score(val_set: EvalSet, parts: Sequence[str], image_ids: Sequence) -> dict:
     return coco_evaluate(val_set.gt_json, merged, image_ids=image_ids)
 
 
-def token_grid(image_hw, patch) -> tuple[int, int]:
-    """The token grid at ``patch`` (the backbone drops an untiled border; the box bias follows the patches)."""
-    return (image_hw[0] // patch[0], image_hw[1] // patch[1])
-
-
 def image_forward(model: OwlViT):
-    """What tools.eval counts and times: the image side (tower, heads) with the queries already embedded."""
-    cache = {}
+    """What tools count, time and export: the image side (tower, heads) against queries embedded once, here: the
+    model's class names as bare prompts ('object' when it stores none). Embedded eagerly, not on the first call, so
+    that ``torch.export`` lifts them as constants rather than tracing the text tower; outputs ``logits`` (B, N, C),
+    ``boxes`` (B, N, 4) normalised cxcywh and, with OWLv2's head, ``objectness`` (B, N): tensors only."""
+    with torch.no_grad():
+        queries = model.embed_prompts(model.query_names or ["object"], ["{}"], next(model.parameters()).device)
 
     def forward(images, patch_size=None):
-        if "queries" not in cache:
-            with torch.no_grad():
-                names = model.query_names or ["object"]
-                cache["queries"] = model.embed_prompts(names, ["{}"], images.device)
-        return model(images, cache["queries"], None, patch_size=patch_size)
+        out = model(images, queries.to(images.device), None, patch_size=patch_size)
+        return {k: out[k] for k in ("logits", "boxes", "objectness") if k in out}
 
     return forward
+
+
+TASK = Task(
+    name="detection",
+    build_datasets=build_datasets,
+    build_model=build_model,
+    make_loss=make_loss,
+    evaluate=evaluate,
+    load_model=load_model,
+    predict=predict,
+    predict_options=PREDICT_OPTIONS,
+    image_forward=image_forward,
+    collate=collate,
+    runlocal="configs/detection/scenes.py:runlocal",
+)

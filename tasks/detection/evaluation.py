@@ -233,7 +233,7 @@ def _lvis_classes():
     """LVIS / LVISEval subclasses: a ground truth from a dict (lvis reads a path only) and an evaluator whose
     per-(image, category) lookups do not insert empty lists into its defaultdicts, nor keep one per empty pair as
     its IoU matrix (the same values: at 20k images x 1203 classes lvis's own lookups grow each dict to 24M entries;
-    tools/benchmark_detection_eval.py measures 1.07 -> 0.55 MiB per image with the polygon note below)."""
+    tools/benchmarks/detection_eval.py measures 1.07 -> 0.55 MiB per image with the polygon note below)."""
     from lvis import LVIS, LVISEval
 
     class DictLVIS(LVIS):

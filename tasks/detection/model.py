@@ -118,6 +118,14 @@ PROMPT_TEMPLATES_LVIS_EVAL: list[str] = [
 ]
 
 
+TEMPLATES = {"clip": PROMPT_TEMPLATES_TRAIN, "lvis": PROMPT_TEMPLATES_LVIS_EVAL}  # the config's names for them
+
+
+def prompt_templates(value: str | Sequence[str]) -> list[str]:
+    """The templates a config names (``data.train_templates`` / ``eval_templates``): a key of TEMPLATES or a list."""
+    return list(TEMPLATES[value]) if isinstance(value, str) else list(value)
+
+
 def _logit(x: torch.Tensor) -> torch.Tensor:
     """scenic's box-bias logit, with its 1e-4 guards so that 0 and 1 stay finite."""
     return torch.log(x + 1e-4) - torch.log1p(-x + 1e-4)
@@ -305,7 +313,7 @@ class OwlViT(nn.Module):
         query_names: the class names that the prompts name (index = class index of the data), and
         train_templates: the prompt templates that training draws from (default ``PROMPT_TEMPLATES_TRAIN``). Both are
             kept in ``kwargs``, hence in every checkpoint: the model needs them to train and to run inference
-            (``train_loss``, ``image_forward``), and a checkpoint alone must rebuild it.
+            (``make_loss``, ``predict``, ``image_forward``), and a checkpoint alone must rebuild it.
 
     ``forward(images, query_embeds, query_valid, patch_size=p)`` -> dict ``logits`` (B, N, Q) float32, ``boxes``
     (B, N, 4) cxcywh in [0, 1], ``class_embeds`` (B, N, E), ``objectness`` (B, N) when enabled, ``grid`` (gh, gw).

@@ -17,22 +17,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from tasks.common.transforms import ValueRange, as_value_range, value_range_affine
+from tasks.common.transforms import ValueRange, normalize
 
-from .data import DetectionDataset, sample_queries
+from .data import DetectionDataset
+from .queries import sample_queries
 
 Window = tuple[int, int, int, int]  # top, left, height, width
-
-
-class _ToValueRange:
-    """[0, 1] pixels -> ``value_range`` (tasks/common/transforms.py conventions), per channel."""
-
-    def __init__(self, value_range: ValueRange):
-        scale, shift = value_range_affine((0.0, 1.0), as_value_range(value_range))
-        self.scale, self.shift = scale[:, None, None], shift[:, None, None]
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image * self.scale + self.shift
 
 
 def _area(xyxy: torch.Tensor) -> torch.Tensor:
@@ -113,7 +103,7 @@ class TrainTransform:
     Wrap it in tasks.common.loader.JointTransform for SeededItems. ``mosaic_probs[k - 1]`` is the probability of a
     k x k mosaic; its k² - 1 extra cells are random items of ``dataset`` (raw, through ``dataset.load``), each
     cropped, flipped and resized with pad into an (S // k)-pixel cell. ``class_weights`` (C,) weight the random
-    negatives (tasks.detection.data.frequency_weights); ``excluded_classes`` (None: ``dataset.excluded``) never
+    negatives (tasks.detection.queries.frequency_weights); ``excluded_classes`` (None: ``dataset.excluded``) never
     enter a query set. ``crop_area=None`` disables the crop.
     """
 
@@ -150,7 +140,7 @@ class TrainTransform:
         self.excluded[sorted(excluded_classes)] = True
         self.hflip, self.crop_area, self.crop_aspect = hflip, crop_area, list(crop_aspect)
         self.min_box_fraction, self.pad_value, self.mosaic_probs = min_box_fraction, pad_value, mosaic_probs
-        self.to_range = _ToValueRange(value_range)
+        self.to_range = normalize(value_range)
 
     def _grid(self) -> int:
         if self.mosaic_probs is None or len(self.mosaic_probs) == 1:
@@ -211,7 +201,7 @@ class EvalTransform:
     ``xyxy_normalised * S / scale``."""
 
     def __init__(self, size: int, value_range: ValueRange = (-1.0, 1.0), pad_value: float = 0.0):
-        self.size, self.pad_value, self.to_range = size, pad_value, _ToValueRange(value_range)
+        self.size, self.pad_value, self.to_range = size, pad_value, normalize(value_range)
 
     def __call__(self, image: torch.Tensor, target: dict):
         h, w = image.shape[-2:]

@@ -12,6 +12,8 @@ stage1.py      the restricted oracle (per-patch one-hot embeddings + image conte
 stage2.py      a FlexiViT encoder (any patch size per call) and an autoregressive code decoder (causal
                self-attention, cross-attention to the image tokens, teacher forcing, greedy / temperature
                decoding with a KV cache), with the frozen oracle inside: ``task="panoptic.stage2"``
+inference.py   stage II on a user's images (the task's ``predict``): a colour panoptic map at the image's size,
+               COCO-panoptic-like segments and a summary
 evaluation.py  PQ / SQ / RQ (All, Things, Stuff) of written predictions through panopticapi's pq_compute
 """
 

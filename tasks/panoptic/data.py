@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 import flexivit
 from tasks.common import distributed
 from tasks.common.loader import JointTransform
-from tasks.common.transforms import as_value_range
+from tasks.common.transforms import as_value_range, normalize
 
 from .evaluation import panoptic_metrics, pq_compute
 from .targets import (
@@ -34,8 +34,22 @@ from .targets import (
 
 
 def _to_model_input(image: torch.Tensor, value_range) -> torch.Tensor:
-    low, high = value_range
-    return image.float() / 255 * (high - low) + low
+    return normalize(value_range)(image.float() / 255)
+
+
+def eval_image(image, size: int, value_range) -> torch.Tensor:
+    """A PIL RGB image as evaluation (and prediction) feeds it: resized to ``size`` x ``size`` (antialiased), in
+    ``value_range``; (3, size, size) float32."""
+    image = v2.functional.resize(v2.functional.pil_to_tensor(image), [size, size], antialias=True)
+    return _to_model_input(image, value_range)
+
+
+def resize_maps(semantic: torch.Tensor, instance: torch.Tensor, size_hw) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's predicted ``(semantic, instance)`` maps (S, S) at the model size -> at ``size_hw`` (nearest),
+    on the CPU: the maps PQ scores and prediction shows."""
+    maps = torch.stack([semantic, instance])[None].float()
+    maps = F.interpolate(maps, size=tuple(size_hw), mode="nearest")[0].long().cpu()
+    return maps[0], maps[1]
 
 
 class TrainTransform:
@@ -64,11 +78,10 @@ class EvalTransform:
         self.size, self.value_range, self.max_instances = size, value_range, max_instances
 
     def __call__(self, image, semantic, instance):
-        image = v2.functional.pil_to_tensor(image)
-        image = v2.functional.resize(image, [self.size, self.size], antialias=True)
         labels = torch.stack([semantic, instance])[None].float()
         semantic, instance = F.interpolate(labels, size=(self.size, self.size), mode="nearest")[0].long()
-        return _to_model_input(image, self.value_range), semantic, canonical_instances(instance, self.max_instances - 1)
+        image = eval_image(image, self.size, self.value_range)
+        return image, semantic, canonical_instances(instance, self.max_instances - 1)
 
 
 @dataclass
@@ -95,9 +108,9 @@ def _split(data, split: str) -> tuple[PanopticDataset, Path]:
 def build_datasets(data, distill=None) -> tuple:
     """``(train set, joint train transform, EvalSet, info)`` from a COCO panoptic layout at ``data.root``
     (``panoptic/panoptic_{train,val}.json`` + PNG folders, ``images/<split>``); generated scenes are written there
-    first when ``data.generate`` is set and the folder is missing."""
-    if distill:
-        raise ValueError("panoptic has no distillation: set distill=None")
+    first when ``data.generate`` is set and the folder is missing. ``info`` sizes the models and labels predictions:
+    ``categories[k - 1]`` is class k's ``{"id", "name", "isthing", "color"}`` (``color`` [r, g, b] or None).
+    ``distill`` is never set: the task contract refuses it (``engine_features``)."""
     from tasks.common.scenes import ensure_generated
 
     ensure_generated("ade20k", data.root, data.generate)  # the scenes are written in every format at once
@@ -118,7 +131,7 @@ def build_datasets(data, distill=None) -> tuple:
         "num_classes": len(train.classes) + 1,  # + void
         "image_size": data.image_size,
         "max_instances": data.max_instances,
-        "category_ids": train.category_ids,
+        "categories": train.categories(),
     }
     return train, JointTransform(train_tf), EvalSet(val, val.json_path, val_png_dir), info
 
@@ -145,8 +158,7 @@ def evaluate_pq(predict, val_set: EvalSet, patch_sizes, device, batch_size: int 
                 got_semantic, got_instance = predict(images, semantic, instance, patch)
                 for k, index in enumerate(indices):
                     record = dataset.records[index]
-                    maps = torch.stack([got_semantic[k], got_instance[k]])[None].float()
-                    maps = F.interpolate(maps, size=(record.height, record.width), mode="nearest")[0].long().cpu()
+                    maps = resize_maps(got_semantic[k], got_instance[k], (record.height, record.width))
                     prediction = (record.image_id, record.image.name, maps[0].numpy(), maps[1].numpy())
                     encoded.append((index, *encode_prediction(*prediction, dataset.category_ids)))
             parts = distributed.gather_object(encoded)  # the main process alone holds every image's PNG

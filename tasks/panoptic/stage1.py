@@ -23,25 +23,34 @@ from torch import nn
 
 import flexivit
 from flexivit.model import Block
-from tasks.common.train_state import resolve_checkpoint
+from flexivit.pi_resize import to_2tuple
+from tasks import Task
+from tasks.common.train_state import load_weights, resolve_checkpoint
 
 from .data import build_datasets, evaluate_pq
 from .vq import VectorQuantizer, code_dropout
 
 __all__ = [
+    "TASK",
     "Oracle",
     "build_datasets",
     "build_model",
     "evaluate",
+    "image_forward",
     "load_model",
+    "make_loss",
     "oracle_loss",
     "to_panoptic",
-    "train_loss",
 ]
 
 
 def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Sequential:
-    return nn.Sequential(*[Block(width, num_heads, mlp_ratio, True, 1e-6, "tanh", 0.0) for _ in range(depth)])
+    return nn.Sequential(
+        *[
+            Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_eps=1e-6, gelu_approximate="tanh")
+            for _ in range(depth)
+        ]
+    )
 
 
 def _standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -234,25 +243,67 @@ def load_model(path) -> Oracle:
     if "code_len" not in kwargs or "dict_size" not in kwargs:
         raise flexivit.CheckpointError(f"{path} is not a UViM stage I checkpoint (no code_len / dict_size saved)")
     model = Oracle.from_kwargs(kwargs)
-    model.load_state_dict(state)
-    return model
+    return load_weights(model, state, path)
 
 
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
-    """The oracle's reconstruction loss; stage I has one patch size, so the step's ``patch_size`` is not used."""
-    images, semantic, instance = batch
-    return oracle_loss(net(images, semantic, instance), semantic, instance)
+def make_loss(config, info, teacher=None):
+    """The oracle's reconstruction loss: no config key changes it, and stage I has one patch size, so the step's
+    ``patch_size`` is not used (nor a teacher: the contract refuses distillation, ``engine_features`` is empty)."""
+
+    def loss(net, batch, patch_size, step: int) -> tuple[torch.Tensor, dict]:
+        images, semantic, instance = batch
+        return oracle_loss(net(images, semantic, instance), semantic, instance)
+
+    return loss
 
 
+@flexivit.in_eval_mode
 def evaluate(model: Oracle, val_set, patch_sizes, device, autocast_dtype=None, batch_size: int = 8) -> dict:
-    """The oracle's PQ (the upper bound stage II can reach), under its one patch size (the first of ``patch_sizes``)."""
-    was_training = model.training
-    model.eval()
+    """The oracle's PQ (the upper bound stage II can reach) at its one patch size, which ``patch_sizes`` must be."""
+    own = (model.patch_size, model.patch_size)
+    others = [p for p in patch_sizes if to_2tuple(p) != own]
+    if others:
+        raise ValueError(f"the stage I oracle runs at its patch size {model.patch_size} only, not {others}")
 
     def predict(images, semantic, instance, patch):
         encoded = model.encode(images, semantic, instance, update_dict=False)
         return to_panoptic(model.decode(encoded["quantised"], images))
 
     results = evaluate_pq(predict, val_set, patch_sizes[:1], device, batch_size)
-    model.train(was_training)
     return results
+
+
+def image_forward(model: Oracle):
+    """What tools.eval counts and times: the oracle's encode and decode, as its evaluation runs them. They need a
+    panoptic target, and their cost does not depend on its values (the one-hot embeddings are dense convolutions),
+    so an empty (all void) target stands in for the ground truth. The oracle has one patch size."""
+
+    def forward(images, patch_size=None):
+        if patch_size is not None and to_2tuple(patch_size) != (model.patch_size, model.patch_size):
+            raise ValueError(f"the stage I oracle runs at its patch size {model.patch_size} only, not {patch_size}")
+        void = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long, device=images.device)
+        encoded = model.encode(images, void, void, update_dict=False)
+        return to_panoptic(model.decode(encoded["quantised"], images))
+
+    return forward
+
+
+TASK = Task(
+    name="panoptic.stage1",
+    build_datasets=build_datasets,
+    build_model=build_model,
+    make_loss=make_loss,
+    evaluate=evaluate,
+    load_model=load_model,
+    predict_refusal=(
+        "the stage I oracle encodes the ground-truth panoptic map, so it cannot segment an image alone; "
+        "predict with a stage II run (task panoptic.stage2), which carries this oracle inside"
+    ),
+    image_forward=image_forward,
+    export_refusal=(
+        "the stage I oracle's forward takes the ground-truth panoptic map besides the image, "
+        "so it has no image-only graph to export"
+    ),
+    flexible=False,
+    runlocal="configs/panoptic/scenes.py:stage=1,runlocal",
+)

@@ -17,14 +17,17 @@ from torch import nn
 
 import flexivit
 from flexivit.model import FlexiViT, Mlp
+from tasks import Task
 from tasks.common.distributed import unwrap
-from tasks.common.train_state import resolve_checkpoint
+from tasks.common.train_state import load_weights, resolve_checkpoint
 
 from . import stage1
 from .data import build_datasets, evaluate_pq
+from .inference import predict
 from .stage1 import Oracle, to_panoptic
 
 __all__ = [
+    "TASK",
     "CodeDecoder",
     "Stage2",
     "UViM",
@@ -33,7 +36,8 @@ __all__ = [
     "evaluate",
     "image_forward",
     "load_model",
-    "train_loss",
+    "make_loss",
+    "predict",
 ]
 
 BOS = 0  # the beginning-of-sequence token; code k is token k + 1
@@ -69,7 +73,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.norm1, self.self_attn = nn.LayerNorm(width, eps=1e-6), _Attention(width, num_heads)
         self.norm2, self.cross_attn = nn.LayerNorm(width, eps=1e-6), _Attention(width, num_heads)
-        self.norm3, self.mlp = nn.LayerNorm(width, eps=1e-6), Mlp(width, int(width * mlp_ratio), "tanh")
+        self.norm3, self.mlp = (
+            nn.LayerNorm(width, eps=1e-6),
+            Mlp(width, hidden=int(width * mlp_ratio), gelu_approximate="tanh"),
+        )
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """``x`` (B, T, D) and ``memory`` (B, N, D). With ``cache`` (a dict kept by the caller), ``x`` holds only the
@@ -254,28 +261,31 @@ def load_model(path) -> UViM:
         raise flexivit.CheckpointError(f"{path} is not a UViM stage II checkpoint (no encoder / decoder / oracle)")
     stage2 = Stage2(FlexiViT(**kwargs["encoder"]), CodeDecoder(**kwargs["decoder"]))
     model = UViM(stage2, Oracle.from_kwargs(kwargs["oracle"]))
-    model.load_state_dict(state)
-    return model
+    return load_weights(model, state, path)
 
 
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
-    """Token cross-entropy of the oracle's codes of the ground truth, teacher-forced, at the step's patch size."""
-    images, semantic, instance = batch
-    codes = unwrap(net).target_codes(images, semantic, instance)
-    logits = net(images, codes, patch_size=patch_size)
-    loss = code_loss(logits, codes)
-    accuracy = (logits.detach()[..., 1:].argmax(-1) == codes).float().mean()
-    return loss, {"code_ce": loss.detach(), "code_accuracy": accuracy}
+def make_loss(config, info, teacher=None):
+    """Token cross-entropy of the oracle's codes of the ground truth, teacher-forced, at the step's patch size; no
+    config key changes it (and the contract refuses a teacher: ``engine_features`` is empty)."""
+
+    def loss(net, batch, patch_size, step: int) -> tuple[torch.Tensor, dict]:
+        images, semantic, instance = batch
+        # The frozen oracle runs outside the wrapper's forward: it has no gradient for DDP to synchronise.
+        codes = unwrap(net).target_codes(images, semantic, instance)
+        logits = net(images, codes, patch_size=patch_size)
+        ce = code_loss(logits, codes)
+        accuracy = (logits.detach()[..., 1:].argmax(-1) == codes).float().mean()
+        return ce, {"code_ce": ce.detach(), "code_accuracy": accuracy}
+
+    return loss
 
 
+@flexivit.in_eval_mode
 def evaluate(model: UViM, val_set, patch_sizes, device, autocast_dtype=None, batch_size: int = 8) -> dict:
     """PQ at every patch size: codes decoded greedily by stage II, maps by the oracle's decoder."""
-    was_training = model.training
-    model.eval()
     results = evaluate_pq(
         lambda images, s, i, patch: model.predict(images, patch), val_set, patch_sizes, device, batch_size
     )
-    model.train(was_training)
     return results
 
 
@@ -286,3 +296,22 @@ def image_forward(model: UViM):
         return model.predict(images, patch_size)
 
     return forward
+
+
+TASK = Task(
+    name="panoptic.stage2",
+    build_datasets=build_datasets,
+    build_model=build_model,
+    make_loss=make_loss,
+    evaluate=evaluate,
+    load_model=load_model,
+    predict=predict,
+    image_forward=image_forward,
+    export_refusal=(
+        "stage II's forward is an autoregressive decoding loop (one decoder step per code, each fed the previous "
+        "step's argmax through a growing key / value cache) that returns two maps, not the one-tensor, "
+        "dynamic-batch image forward that tools.export writes"
+    ),
+    runlocal="configs/panoptic/scenes.py:stage=2,runlocal",
+    runlocal_needs={"model.oracle": "panoptic.stage1"},
+)

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from flexivit.checkpoint import atomic_write_text
+from flexivit.files import atomic_write_text
 from tasks.common.images import open_image
 from tasks.common.scenes import panoptic_ids, panoptic_rgb
 
@@ -95,9 +95,18 @@ class PanopticDataset(Dataset):
     through :func:`canonical_instances` after augmentation. ``transform(image, semantic, instance)`` runs if given.
     """
 
-    def __init__(self, records, classes, isthing, category_ids, json_path, transform=None):
+    def __init__(self, records, classes, isthing, category_ids, json_path, transform=None, colors=None):
         self.records, self.classes, self.isthing = list(records), list(classes), list(isthing)
         self.category_ids, self.json_path, self.transform = list(category_ids), Path(json_path), transform
+        self.colors = list(colors) if colors is not None else [None] * len(self.classes)  # [r, g, b] or None
+
+    def categories(self) -> list[dict]:
+        """Class k's category as ``categories()[k - 1]``: id, name, isthing and the JSON's colour (or None), plain
+        values that a checkpoint can hold (what predictions are labelled and coloured with)."""
+        return [
+            {"id": i, "name": name, "isthing": thing, "color": color}
+            for i, name, thing, color in zip(self.category_ids, self.classes, self.isthing, self.colors, strict=True)
+        ]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -162,6 +171,12 @@ def read_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: st
         name = f" ({category['name']!r})" if isinstance(category, dict) and "name" in category else ""
         _check(category, {"id": int, "name": str}, f"category {k}{name}", json_path)
     _unique([c["id"] for c in data["categories"]], "category id(s)", json_path)
+    for category in data["categories"]:
+        color = category.get("color")
+        if color is not None and not (
+            isinstance(color, list) and len(color) == 3 and all(type(v) is int and 0 <= v <= 255 for v in color)
+        ):
+            raise PanopticDataError(f"{json_path}: category {category['id']} has color {color!r} (expected [r, g, b])")
     categories = sorted(data["categories"], key=lambda c: c["id"])
     index = {c["id"]: k + 1 for k, c in enumerate(categories)}  # contiguous 1..K; 0 is void
     for k, image in enumerate(data["images"]):
@@ -212,6 +227,7 @@ def read_coco_panoptic(json_path: str | Path, png_dir: str | Path, image_dir: st
         isthing=[bool(c.get("isthing", 1)) for c in categories],
         category_ids=[c["id"] for c in categories],
         json_path=json_path,
+        colors=[c.get("color") for c in categories],
     )
 
 

@@ -1,8 +1,9 @@
 """Semantic segmentation: Segmenter's linear decoder on FlexiViT, evaluated by mIoU at every patch size (paper Sec. 4).
 
-The task's face for the engine (tools/train.py, tools/eval.py): ``build_datasets``, ``build_model``, ``train_loss``,
-``evaluate`` and ``image_forward``. Fixed and flexified transfer differ only in the engine's patch-size sampler; fast
-transfer is fixed transfer at a large patch size evaluated at all of them.
+The task's face (tasks/__init__.py, :data:`TASK`): ``build_datasets``, ``build_model``, ``make_loss``, ``evaluate``,
+``load_model``, ``predict`` (a colour mask and its legend for a user's image), ``image_forward`` and ``token_grid``
+(Segmenter pads); ``info`` is the list of class names. Fixed and flexified transfer differ only in the engine's
+patch-size sampler; fast transfer is fixed transfer at a large patch size evaluated at all of them.
 
     model.py       the linear decoder, padding to a multiple of the patch size, backbone + decoder
     inference.py   whole-image / sliding-window inference, flip and multi-scale
@@ -13,30 +14,37 @@ transfer is fixed transfer at a large patch size evaluated at all of them.
 
 from __future__ import annotations
 
+import colorsys
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Subset
 
 import flexivit
+from tasks import Prediction, Task
 from tasks.common import distributed
 from tasks.common.loader import JointTransform
 from tasks.common.losses import consistency_loss
+from tasks.common.precision import autocast
 from tasks.common.scenes import ensure_generated
-from tasks.common.train_state import resolve_checkpoint
+from tasks.common.train_state import load_weights, resolve_checkpoint
 from tasks.common.transforms import as_value_range
 
 from .data import IGNORE_INDEX, build_segmentation_dataset
-from .inference import InferenceSettings, predict
+from .inference import InferenceSettings
+from .inference import predict as predict_scores
 from .metrics import confusion_matrix, segmentation_metrics
-from .model import LinearDecoder, Segmenter, pad_to_multiple, tokens_to_map
+from .model import LinearDecoder, Segmenter
 from .transforms import EvalTransform, TrainTransform
 
 __all__ = [
     "IGNORE_INDEX",
+    "TASK",
     "InferenceSettings",
     "LinearDecoder",
     "Segmenter",
@@ -45,12 +53,13 @@ __all__ = [
     "confusion_matrices",
     "evaluate",
     "image_forward",
+    "legend_image",
     "load_model",
-    "pad_to_multiple",
+    "make_loss",
+    "palette",
     "predict",
     "segmentation_metrics",
-    "tokens_to_map",
-    "train_loss",
+    "token_grid",
 ]
 
 
@@ -60,8 +69,6 @@ def _pair_or_none(value) -> tuple[int, int] | None:
 
 def build_datasets(data, distill=None) -> tuple:
     """``(train set, joint train transform, validation set with its eval transform applied, class names)``."""
-    if distill:
-        raise ValueError("segmentation has no distillation: set distill=None")
     ensure_generated(data.name, data.root, data.generate)
     options = dict(data.folder or {}, classes=data.classes)
     value_range = as_value_range(data.value_range)
@@ -122,35 +129,38 @@ def load_model(path: str | Path) -> Segmenter:
         dropout=kwargs.get("dropout", 0.0),
         inference=_inference_settings(kwargs.get("inference")),
     )
-    model.load_state_dict(state)
-    return model
+    return load_weights(model, state, path)
 
 
-def train_loss(net, batch, patch_size, *, step: int, config, teacher=None) -> tuple[torch.Tensor, dict]:
-    """``(loss, terms)``: per-pixel cross-entropy at ``patch_size``, ignoring 255 (padding, unlabelled), in float32.
+def make_loss(config, info: list[str], teacher=None):
+    """``loss(net, batch, patch_size, step) -> (loss, terms)``: per-pixel cross-entropy at ``patch_size``, ignoring
+    255 (padding, unlabelled), in float32.
 
     With ``train.consistency.weight`` the prediction at a second size drawn from ``(seed + 1, step)`` is also pulled
-    towards the detached prediction at the training size (docs/reference.md §12), per labelled pixel.
+    towards the detached prediction at the training size (docs/reference.md §12), per labelled pixel. The config is
+    read here, once; distillation and mixup are refused by the engine (``TASK.engine_features``).
     """
-    if teacher is not None:
-        raise ValueError("segmentation has no distillation: set distill=None")
-    images, masks = batch
-    logits = net(images, patch_size=patch_size).float()  # (B, K, H, W)
-    loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-    terms = {"ce": loss}
-    consistency = config.train.consistency
-    if consistency.weight:
-        terms["consistency"] = consistency_loss(
-            lambda size: net(images, patch_size=size),
-            logits,
-            consistency.sizes,
-            seed=config.seed,
-            step=step,
-            dim=1,
-            valid=masks != IGNORE_INDEX,
-        )
-        loss = loss + consistency.weight * terms["consistency"]
-    return loss, terms
+    weight, sizes, seed = config.train.consistency.weight, config.train.consistency.sizes, config.seed
+
+    def loss_fn(net, batch, patch_size, step: int) -> tuple[torch.Tensor, dict]:
+        images, masks = batch
+        logits = net(images, patch_size=patch_size).float()  # (B, K, H, W)
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        terms = {"ce": loss}
+        if weight:
+            terms["consistency"] = consistency_loss(
+                lambda size: net(images, patch_size=size),
+                logits,
+                sizes,
+                seed=seed,
+                step=step,
+                dim=1,
+                valid=masks != IGNORE_INDEX,
+            )
+            loss = loss + weight * terms["consistency"]
+        return loss, terms
+
+    return loss_fn
 
 
 def _as_list(batch: list) -> list:
@@ -158,6 +168,7 @@ def _as_list(batch: list) -> list:
 
 
 @torch.no_grad()
+@flexivit.in_eval_mode
 def confusion_matrices(
     model: Segmenter, val_set, patch_sizes: Sequence, device: torch.device, autocast_dtype=None, batch_size: int = 8
 ) -> torch.Tensor:
@@ -168,8 +179,6 @@ def confusion_matrices(
     """
     world, rank = distributed.world_size(), distributed.rank()
     loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=batch_size, collate_fn=_as_list)
-    was_training = model.training
-    model.eval()
     k = model.num_classes
     confusion = torch.zeros(len(patch_sizes), k, k, dtype=torch.int64, device=device)
     for items in loader:
@@ -180,10 +189,9 @@ def confusion_matrices(
             images = torch.stack([image for image, _ in group]).to(device)
             masks = torch.stack([mask for _, mask in group]).to(device)
             for i, patch in enumerate(patch_sizes):
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    scores = predict(model, images, patch, model.inference, out_size=masks.shape[-2:])
+                with autocast(device, autocast_dtype):
+                    scores = predict_scores(model, images, patch, model.inference, out_size=masks.shape[-2:])
                 confusion[i] += confusion_matrix(scores.argmax(1), masks, k, IGNORE_INDEX)
-    model.train(was_training)
     return distributed.all_reduce_sum(confusion).cpu()
 
 
@@ -205,5 +213,73 @@ def token_grid(image_hw, patch) -> tuple[int, int]:
 
 
 def image_forward(model: Segmenter):
-    """What tools.eval counts and times: the whole-image forward (backbone, decoder, upsampling) at one size."""
+    """What the tools count, time and export: the whole-image forward (padding, backbone, decoder, upsampling)."""
     return model
+
+
+# ---------------------------------------------------------------------------------------------- user images
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours, distinct and the same on every run (a golden-ratio walk around the hue circle)."""
+    colours = [
+        colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65 if i % 2 else 0.9, 0.95 if i % 3 else 0.75) for i in range(n)
+    ]
+    return (np.array(colours).reshape(n, 3) * 255).round().astype(np.uint8)
+
+
+def legend_image(names: Sequence[str], colours: np.ndarray, row: int = 20) -> Image.Image:
+    """One row per class: a colour swatch and the class name, black on white."""
+    font = ImageFont.load_default()
+    text_width = max((math.ceil(font.getlength(name)) for name in names), default=0)
+    legend = Image.new("RGB", (row + 12 + text_width, row * max(len(names), 1)), "white")
+    draw = ImageDraw.Draw(legend)
+    for i, (name, colour) in enumerate(zip(names, colours, strict=True)):
+        top = i * row
+        draw.rectangle((2, top + 2, row - 2, top + row - 2), fill=tuple(int(c) for c in colour))
+        draw.text((row + 6, top + row // 2), name, fill="black", font=font, anchor="lm")
+    return legend
+
+
+def predict(model: Segmenter, config, info: list[str], images, patch_size, options: dict) -> list[Prediction]:
+    """Per image: a colour mask at the image's size (one colour per class, :func:`palette`), its legend (the classes
+    present, largest first) and the fraction of pixels of each class present. Preprocessed and inferred as the
+    validation images (``data.test_scale``, ``model.inference``)."""
+    transform = EvalTransform(scale=_pair_or_none(config.data.test_scale), value_range=config.data.value_range)
+    device = next(model.parameters()).device
+    colours = palette(len(info))
+    predictions = []
+    for image in images:  # one at a time: user images differ in size
+        x = transform.image(image)[None].to(device)
+        with torch.no_grad():
+            scores = predict_scores(model, x, patch_size, model.inference, out_size=(image.height, image.width))
+        labels = scores.argmax(1)[0].cpu().numpy()  # (H, W)
+        present, counts = np.unique(labels, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        present, fractions = present[order], counts[order] / labels.size
+        shares = {info[c]: float(f) for c, f in zip(present, fractions, strict=True)}
+        predictions.append(
+            Prediction(
+                summary=", ".join(f"{name} {share:.0%}" for name, share in shares.items()),
+                record={"classes": shares},
+                image=Image.fromarray(colours[labels]),
+                overlay=True,
+                legend=legend_image([info[c] for c in present], colours[present]),
+            )
+        )
+    return predictions
+
+
+TASK = Task(
+    name="segmentation",
+    build_datasets=build_datasets,
+    build_model=build_model,
+    make_loss=make_loss,
+    evaluate=evaluate,
+    load_model=load_model,
+    predict=predict,
+    image_forward=image_forward,
+    token_grid=token_grid,
+    engine_features=frozenset({"consistency"}),
+    runlocal="configs/segmentation/scenes.py:runlocal",
+)

@@ -2,9 +2,9 @@
 
 How a dense head reads the backbone, for every dense task here: the backbone returns ``tokens`` (B, N, D), the
 patch tokens after the final norm with the class token already dropped, and ``grid`` (gh, gw) for this call; the
-head reshapes tokens to the grid (:func:`tokens_to_map`) and never asks the backbone for a patch size or a stored
-resolution. Inputs that the patches do not tile are padded to a multiple of the patch size first
-(:func:`pad_to_multiple`), as Segmenter does, so no border is dropped; the logits are then cut back (unpadded).
+head reshapes tokens to the grid (``tasks.common.dense.tokens_to_map``) and never asks the backbone for a patch size
+or a stored resolution. Inputs that the patches do not tile are padded to a multiple of the patch size first
+(``pad_to_multiple``), as Segmenter does, so no border is dropped; the logits are then cut back (unpadded).
 """
 
 from __future__ import annotations
@@ -17,28 +17,9 @@ from torch import nn
 
 from flexivit.model import FlexiViT, PatchSize
 from flexivit.pi_resize import to_2tuple
+from tasks.common.dense import pad_to_multiple, tokens_to_map
 
 from .inference import InferenceSettings
-
-
-def pad_to_multiple(images: torch.Tensor, patch_size: PatchSize, value: float = 0.0) -> torch.Tensor:
-    """Pad (B, C, H, W) at the bottom and right so that H and W are multiples of the patch size.
-
-    Segmenter pads with 0 in normalised space (the mean colour for mean/std normalisation).
-    """
-    ph, pw = to_2tuple(patch_size, "patch_size")
-    h, w = images.shape[-2:]
-    pad_h, pad_w = -h % ph, -w % pw
-    return F.pad(images, (0, pad_w, 0, pad_h), value=value) if pad_h or pad_w else images
-
-
-def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Patch tokens (B, N, D) in row-major grid order -> a feature map (B, D, gh, gw)."""
-    b, n, d = tokens.shape
-    gh, gw = grid
-    if n != gh * gw:
-        raise ValueError(f"{n} tokens do not fill the grid {gh}x{gw}")
-    return tokens.transpose(1, 2).reshape(b, d, gh, gw)
 
 
 class LinearDecoder(nn.Module):

@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from tasks.common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tasks.common.transforms import normalize
 
 from .data import IGNORE_INDEX
 
@@ -102,14 +102,6 @@ class PadToSize(v2.Transform):
         return self._call_kernel(TF.pad, inpt, padding=params["padding"], fill=fill)
 
 
-def normalize(value_range: Sequence[float] | str) -> v2.Normalize:
-    """``(lo, hi)``: [0, 1] pixels mapped linearly onto [lo, hi] (big_vision's (-1, 1)); or ``"imagenet"``."""
-    if value_range == "imagenet":
-        return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    lo, hi = (float(v) for v in value_range)
-    return v2.Normalize([-lo / (hi - lo)] * 3, [1.0 / (hi - lo)] * 3)
-
-
 def _to_tv(image: Image.Image, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     return tv_tensors.Image(TF.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
 
@@ -161,8 +153,12 @@ class EvalTransform:
         self.scale = scale
         self.to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize(value_range), v2.ToPureTensor()])
 
-    def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def image(self, image: Image.Image) -> torch.Tensor:
+        """The image alone (a user's image, which has no label): float (3, h, w) resized to fit ``scale``."""
         image = TF.pil_to_tensor(image)
         if self.scale is not None:
             image = TF.resize(image, list(rescale_size(image.shape[-2:], self.scale)), antialias=True)
-        return self.to_float(image), torch.from_numpy(np.ascontiguousarray(mask)).long()
+        return self.to_float(image)
+
+    def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image(image), torch.from_numpy(np.ascontiguousarray(mask)).long()

@@ -1,11 +1,12 @@
 """Leaving PyTorch at one patch size: a task model with its backbone fixed, exported to ONNX or ``torch.export``.
 
-:func:`fixed_size_model` copies a task model, replaces every FlexiViT inside it by
+:class:`FixedSizeModel` copies a task model, replaces every FlexiViT inside it by
 :func:`flexivit.fix_patch_size`'s copy (kernel and position embedding resized once and stored) and wraps the task's
 image forward at that patch size as a plain ``forward(images)``. The exported graph therefore holds no resize at all:
 it is a plain ViT of that patch size plus the task's head (Segmenter's padding, decoder and upsampling; the
-contrastive image tower's projection and L2 normalisation). Tasks with autoregressive or set decoding (detection,
-panoptic) are not exportable this way.
+contrastive image tower's projection and L2 normalisation; OWL-ViT's box and class heads against its class-name
+queries, embedded once at export). A task that cannot be exported this way says why in its
+``export_refusal`` (tasks/__init__.py).
 """
 
 from __future__ import annotations
@@ -21,40 +22,38 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 import flexivit
+from flexivit.files import atomic_write
 from flexivit.pi_resize import to_2tuple
 
 from .deployment import backbone_of
 
-EXPORTABLE = ("classification", "segmentation", "contrastive")
 EXAMPLE_FILE = "example_input.safetensors"  # inside a torch.export archive
 
 
 class FixedSizeModel(nn.Module):
-    """``forward(images)``: the task's image forward at ``patch_size`` on ``image_size`` images."""
+    """``forward(images)``: the task's image forward (``task.image_forward``) at ``patch_size`` on ``image_size``
+    images, every FlexiViT inside replaced by its fixed copy; a task whose ``export_refusal`` is set is refused."""
 
-    def __init__(self, task_name: str, model: nn.Module, patch_size, image_size):
+    def __init__(self, task, model: nn.Module, patch_size, image_size):
         super().__init__()
-        if task_name not in EXPORTABLE:
-            raise ValueError(f"task {task_name!r} cannot be exported at one patch size; exportable: {EXPORTABLE}")
-        self.task_name = task_name
+        if task.export_refusal:
+            raise ValueError(f"task {task.name} cannot be exported at one patch size: {task.export_refusal}")
+        self.task = task
         self.patch_size = to_2tuple(patch_size, "patch_size")
         self.image_size = to_2tuple(image_size, "image_size")
-        if 0 in self._backbone_size():  # not one whole patch: the fixed backbone would see an empty image
+        grid = task.token_grid(self.image_size, self.patch_size)  # padded (Segmenter) or cropped (the backbone)
+        if 0 in grid:  # not one whole patch: the fixed backbone would see an empty image
             raise ValueError(f"patch size {self.patch_size} is larger than the image size {self.image_size}")
-        self.model = _fix_backbones(copy.deepcopy(model), self.patch_size, self._backbone_size())
+        backbone_size = (grid[0] * self.patch_size[0], grid[1] * self.patch_size[1])
+        self.model = _fix_backbones(copy.deepcopy(model), self.patch_size, backbone_size)
         self.eval()  # an inference graph: no dropout, no stochastic depth
+        # Made once: a task's image forward may precompute (detection embeds its class-name queries here), and that
+        # work must neither repeat per call nor be traced into the exported graph.
+        forward = task.image_forward(self.model)
+        self._forward = lambda images: forward(images, patch_size=self.patch_size)  # a function, not a submodule
 
-    def _backbone_size(self) -> tuple[int, int]:
-        # Segmenter pads the image to a multiple of the patch size; the other tasks drop the untiled border.
-        (h, w), (ph, pw) = self.image_size, self.patch_size
-        if self.task_name == "segmentation":
-            return (-(-h // ph) * ph, -(-w // pw) * pw)
-        return (h // ph * ph, w // pw * pw)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.task_name == "contrastive":
-            return self.model.encode_image(images, self.patch_size, normalize=True)
-        return self.model(images, patch_size=self.patch_size)
+    def forward(self, images: torch.Tensor):
+        return self._forward(images)
 
 
 def _fix_backbones(model: nn.Module, patch, image_size) -> nn.Module:
@@ -87,7 +86,7 @@ def export_program(model: FixedSizeModel, path: str | Path, example: torch.Tenso
     extra = {EXAMPLE_FILE: base64.b64encode(save_safetensors_bytes({"images": example.contiguous()})).decode()}
     buffer = io.BytesIO()  # torch.export wants a name ending in .pt2 or a buffer: the temporary file has neither
     torch.export.save(program, buffer, extra_files=extra)
-    flexivit.checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
     return program
 
 
@@ -101,7 +100,11 @@ def load_program(path: str | Path) -> tuple[torch.export.ExportedProgram, torch.
 
 
 def export_onnx(model: FixedSizeModel, path: str | Path, example: torch.Tensor, opset: int = 18) -> None:
-    """An ONNX file with a dynamic batch dimension (input ``images``, output ``output``), written atomically."""
+    """An ONNX file with a dynamic batch dimension, written atomically: input ``images``, output ``output`` (or, for
+    a task whose forward returns a dict, one output per key, e.g. detection's ``logits`` and ``boxes``)."""
+    with torch.no_grad():
+        output = model(example)
+    output_names = list(output) if isinstance(output, dict) else ["output"]
     with torch.enable_grad():
         program = torch.onnx.export(
             model,
@@ -109,10 +112,10 @@ def export_onnx(model: FixedSizeModel, path: str | Path, example: torch.Tensor, 
             dynamo=True,
             dynamic_shapes=_batch_dim(),
             input_names=["images"],
-            output_names=["output"],
+            output_names=output_names,
             opset_version=opset,
         )
-    flexivit.checkpoint.atomic_write(path, lambda tmp: program.save(tmp))
+    atomic_write(path, lambda tmp: program.save(tmp))
 
 
-__all__ = ["EXPORTABLE", "FixedSizeModel", "example_input", "export_onnx", "export_program", "load_program"]
+__all__ = ["FixedSizeModel", "example_input", "export_onnx", "export_program", "load_program"]

@@ -8,37 +8,15 @@ given only a minimum metric, the cheapest size that reaches it. Rows are the pla
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 import flexivit
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class BudgetError(ValueError):
     """No patch size meets the requested budget or metric; the message names the closest one."""
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` (fp32: None, i.e. no autocast) on ``device``.
-
-    bf16 runs on CPU and GPU (on CPUs with AMX / avx512_bf16 its matmuls are ~3x fp32's); fp16 needs a GPU.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return PRECISIONS[precision]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` in ``dtype`` on ``device``'s type, or nothing for None (fp32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def backbone_of(model: torch.nn.Module) -> flexivit.FlexiViT:
@@ -116,4 +94,4 @@ def _has(row: dict, key: str) -> bool:
     return isinstance(row.get(key), int | float) and not isinstance(row.get(key), bool)
 
 
-__all__ = ["PRECISIONS", "BudgetError", "autocast", "autocast_dtype", "backbone_of", "choose", "pareto_front"]
+__all__ = ["BudgetError", "backbone_of", "choose", "pareto_front"]

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import flexivit
+
 aten = torch.ops.aten
 
 
@@ -77,6 +79,7 @@ def count_gflops_fn(fn: Callable[[torch.Tensor], Any], example_input: torch.Tens
     return split_gflops(fn, example_input)[0]
 
 
+@flexivit.in_eval_mode
 def count_gflops(
     model: nn.Module, image_size: int | tuple[int, int], patch_size: int | Sequence[int], *, in_chans: int = 3
 ) -> float:
@@ -89,12 +92,7 @@ def count_gflops(
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     param = next(model.parameters())
     x = torch.zeros(1, in_chans, h, w, dtype=param.dtype, device=param.device)
-    was_training = model.training
-    model.eval()
-    try:
-        return count_gflops_fn(lambda images: model(images, patch_size=patch_size), x)
-    finally:
-        model.train(was_training)
+    return count_gflops_fn(lambda images: model(images, patch_size=patch_size), x)
 
 
 def measure_throughput(

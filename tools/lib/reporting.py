@@ -5,8 +5,8 @@ A sweep result is a list of row dicts, one per (model, patch size), e.g.
 "latency_ms": 65.0, "accuracy": 0.873}``. Keys may differ between tasks and rows; a missing value is written
 as an empty cell and skipped in plots.
 
-Every writer creates the parent folders and writes atomically (a temporary file in the same folder, then
-``os.replace``), so a crash or an interrupted job never leaves a half-written results file behind.
+Every writer creates the parent folders and writes atomically (:func:`flexivit.files.atomic_write`), so a crash
+or an interrupted job never leaves a half-written results file behind.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from flexivit.files import atomic_write
 
 Row = Mapping[str, Any]
 
@@ -32,18 +32,14 @@ AXIS_LABELS = {
 
 
 def _atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "w") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with open(fd, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {})) as f:
+    """``write(f)`` into an open temporary file, renamed onto ``path`` by :func:`flexivit.files.atomic_write`."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+
+    atomic_write(path, to_file)
+    return Path(path)
 
 
 def columns_of(rows: Sequence[Row]) -> list[str]:
