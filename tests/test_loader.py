@@ -30,7 +30,7 @@ def test_batches_follow_the_definition_across_epochs_and_ranks(world):
 
 def test_the_epoch_is_drawn_once_not_every_step(monkeypatch):
     # Drawing the permutation and the item seeds each step cost ~0.3 s and 200 MB at 13M items; per epoch it is O(N)
-    # once and O(batch) per step (tools/benchmark.py --index-cost measures both).
+    # once and O(batch) per step (python -m tools.benchmarks.sampler measures both).
     calls = []
     real = np.random.default_rng
     monkeypatch.setattr(loader.np.random, "default_rng", lambda seed: (calls.append(seed), real(seed))[1])

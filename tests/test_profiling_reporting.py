@@ -1,4 +1,4 @@
-"""Tests of tasks.common.profiling (GFLOPs, throughput) and tasks.common.reporting (CSV, Markdown, plots)."""
+"""Tests of tools.lib.profiling (GFLOPs, throughput) and tools.lib.reporting (CSV, Markdown, plots)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flexivit
-from tasks.common import profiling, reporting
+from tools.lib import profiling, reporting
 
 # ------------------------------------------------------------------------------------------------ profiling
 

@@ -324,7 +324,7 @@ def test_cityscapes_layout_copy_reads_back_as_train_ids(root, tmp_path):
 def test_crop_accuracy_counts_thing_boxes_with_their_labels(root):
     # A classifier that always says class c is right exactly on the boxes of category id c + 1; the stuff regions
     # (ids 11, 12) are never counted.
-    from tools.crop_accuracy import crop_accuracy
+    from tools.scripts.crop_accuracy import crop_accuracy
 
     anns = load(root / "lvis" / "lvis_val.json")["annotations"]
     things = [a["category_id"] for a in anns if a["category_id"] <= 10]

@@ -38,10 +38,10 @@ CURRICULA = {
 @functools.cache
 def step_flops(patch: int, target: int = 8, width: int = WIDTH, depth: int = DEPTH) -> float:
     """Forward FLOPs of one image at ``patch`` for the ViT of patch size ``target``, counted on the model itself
-    (tasks/common/profiling.py; the training step costs a fixed multiple of it). Counting, rather than a formula,
+    (tools/lib/profiling.py; the training step costs a fixed multiple of it). Counting, rather than a formula,
     includes the patch embedding's real path (above the kernel size the patches are resized, not the kernel)."""
     import flexivit
-    from tasks.common.profiling import count_gflops_fn
+    from tools.lib.profiling import count_gflops_fn
 
     model = flexivit.create_model("flexivit_mu", width=width, depth=depth, base_patch_size=target,
                                   posemb_grid=IMAGE_SIZE // target, num_classes=10)  # fmt: skip
