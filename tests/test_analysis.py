@@ -157,5 +157,5 @@ def test_analyze_reads_a_segmentation_backbone(tmp_path):
     text = (out / "analysis.md").read_text()
     assert "attention rollout (no head)" in text  # Segmenter's backbone has no classification head
     assert (out / "cka_p16_vs_p8.png").exists() and (out / "similarity.png").exists()
-    with pytest.raises(SystemExit, match="needs a classification workdir"):
+    with pytest.raises(SystemExit, match="the segmentation backbone has no class head"):
         analyze.main(["--workdir", str(workdir), "--what", "ensemble", "--out", str(out)])

@@ -64,9 +64,9 @@ def paths(tmp_path_factory):
     (no_sizes / "config.json").write_text(json.dumps(config))
     (bad_choice / "deploy").mkdir()
     (bad_choice / "deploy" / "choice.json").write_text("not json")
-    other = root / "wide.safetensors"  # the runlocal model but 48 wide: every parameter differs in shape
+    other = root / "headless.safetensors"  # a backbone without a class head: not a classifier
     model = flexivit.create_model("flexivit_mu", depth=1, width=48, num_heads=2, base_patch_size=16, posemb_grid=7,
-                                  num_classes=10)  # fmt: skip
+                                  num_classes=0)  # fmt: skip
     flexivit.save_model(model, other)
     (root / "empty").mkdir()
     (root / "bad_images").mkdir()
@@ -140,12 +140,13 @@ CLI_CASES = [
     ("eval-no-workdir", eval_tool.main, [*MISSING], 1, ["no_such_run: no such workdir"]),
     ("eval-unknown-set-key", eval_tool.main, [*W, "--set", "train.stepz=3"], 1, ["--set", "stepz"]),
     ("eval-no-checkpoint-file", eval_tool.main, ["--checkpoint", "{root}/nope.pt", "--config", CONFIG], 1,
-     ["--checkpoint", "nope.pt: no such file"]),
-    ("eval-not-a-workdir", eval_tool.main, ["--workdir", "{root}/empty"], 1, ["empty has no config.json"]),
+     ["nope.pt: no such workdir or checkpoint file"]),
+    ("eval-not-a-workdir", eval_tool.main, ["--workdir", "{root}/empty"], 1,
+     ["empty has no checkpoint under checkpoints/: is it a training workdir?"]),
     ("eval-empty-patch-sizes", eval_tool.main, ["--workdir", "{no_sizes}", "--no-timing"], 1,
      ["eval.patch_sizes of no_sizes's config is empty", "--patch-sizes"]),
-    ("eval-other-architecture", eval_tool.main, ["--checkpoint", "{other}", "--config", CONFIG, "--no-timing"], 1,
-     ["wide.safetensors", "of another shape", "file (48,", "vs model (32,", "more", "--config"]),
+    ("eval-another-tasks-checkpoint", eval_tool.main, ["--checkpoint", "{other}", "--config", CONFIG, "--no-timing"],
+     1, ["headless.safetensors is not a classification checkpoint", "another task's"]),
     *[
         (f"{name}-corrupt-config", entry, ["--workdir", "{broken}", *rest], 1,
          ["broken/config.json", "is not a readable JSON config", "--config"])
@@ -369,8 +370,9 @@ def test_empty_contrastive_validation_split_is_refused_by_name(tmp_path):
 
 
 def test_fixed_size_export_refuses_a_patch_larger_than_the_image():
-    from tasks.common.export import FixedSizeModel
+    from tasks import get_task
+    from tools.lib.export import FixedSizeModel
 
     model = flexivit.create_model("flexivit_mu", depth=1, width=32, num_heads=2, num_classes=3)
     with pytest.raises(ValueError, match=r"patch size \(64, 64\) is larger than the image size \(48, 48\)"):
-        FixedSizeModel("classification", model, 64, 48)
+        FixedSizeModel(get_task("classification"), model, 64, 48)
