@@ -36,15 +36,14 @@ from torch import nn
 
 import flexivit
 from flexivit.pi_resize import to_2tuple
+from tasks.common.dense import dense_backbone, pad_to_multiple, tokens_to_map
 from tasks.common.scenes import SPLITS
-from tasks.common.train_state import resolve_checkpoint
-from tasks.segmentation.model import pad_to_multiple, tokens_to_map
 
 INSTALL_HINT = (
-    "detectron2 is not on PyPI: install it from its source repository, CPU-only for example with\n"
-    "    git clone https://github.com/facebookresearch/detectron2 && "
-    "FORCE_CUDA=0 pip install --no-build-isolation -e detectron2\n"
-    "(see the README, 'Optional stacks')"
+    "detectron2 is not on PyPI: install it from its source repository, CPU-only for example, from this repository's "
+    "root, with\n    git clone https://github.com/facebookresearch/detectron2 ../detectron2 && "
+    "FORCE_CUDA=0 .venv/bin/pip install --no-build-isolation -e ../detectron2\n"
+    "(outside this repository: a detectron2/ folder in it would shadow the package; see docs/detectron2.md)"
 )
 
 try:
@@ -98,7 +97,8 @@ class FlexiViTBackbone(Backbone):
     Args:
         name: a ``flexivit.list_models()`` name; ``overrides`` any FlexiViT keyword arguments.
         pretrained: a release name, a FlexiViT / timm / big_vision file, or a ``tools.train`` workdir (its last
-            checkpoint); the kernel and position grid are flexified on load as in ``flexivit.create_model``.
+            checkpoint); the kernel and position grid are flexified on load as in ``flexivit.create_model``. None
+            when ``train.init_checkpoint`` replaces every weight anyway (``--eval-only``).
         train_patch_sizes, seed: the engine's ``UniformSampler`` draws the training patch size of iteration ``t``
             from ``(seed, t)``; one size gives fixed training.
         test_patch_size: the patch size in eval mode; set the attribute (or use :func:`evaluate_patch_sizes`) to
@@ -124,9 +124,7 @@ class FlexiViTBackbone(Backbone):
     ):
         require_detectron2()
         super().__init__()
-        if pretrained:  # a release name, a checkpoint file, or a tools.train workdir (its last checkpoint)
-            pretrained = resolve_checkpoint(pretrained)
-        self.vit = flexivit.create_model(name, pretrained=pretrained, **{**(overrides or {}), "num_classes": 0})
+        self.vit = dense_backbone(name, pretrained, overrides)
         self.sampler = flexivit.UniformSampler(train_patch_sizes, seed=seed)
         self.test_patch_size = to_2tuple(test_patch_size, "test_patch_size")
         self._square_pad = square_pad
@@ -199,6 +197,8 @@ class FlexiViTBackbone(Backbone):
                 "with detectron2's ImageList.from_tensors(images, backbone.size_divisibility)"
             )
         patch = self.current_patch_size()
+        if self.training:  # into detectron2's metrics.json / TensorBoard; exact, as the sizes are not noisy
+            get_event_storage().put_scalar("patch_size", patch[0], smoothing_hint=False)
         # Pad to a multiple of the patch size so no border is dropped (Segmenter's rule, as tasks.segmentation).
         out = self.vit.forward_features(pad_to_multiple(images, patch), patch_size=patch)
         tokens = tokens_to_map(out["tokens"], out["grid"])  # (B, D, gh, gw) at stride = patch

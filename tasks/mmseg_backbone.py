@@ -33,8 +33,7 @@ from mmseg.registry import MODELS
 
 import flexivit
 from flexivit.pi_resize import to_2tuple
-from tasks.common.train_state import resolve_checkpoint
-from tasks.segmentation.model import pad_to_multiple, tokens_to_map
+from tasks.common.dense import dense_backbone, pad_to_multiple, tokens_to_map
 
 
 @MODELS.register_module()
@@ -53,9 +52,7 @@ class FlexiViTBackbone(BaseModule):
         init_cfg=None,
     ):
         super().__init__(init_cfg)
-        if pretrained is not None:  # a release name, a checkpoint file, or a tools.train workdir (its last checkpoint)
-            pretrained = resolve_checkpoint(pretrained)
-        self.vit = flexivit.create_model(name, pretrained=pretrained, **{**(overrides or {}), "num_classes": 0})
+        self.vit = dense_backbone(name, pretrained, overrides)  # None when load_from replaces every weight
         self.sampler = flexivit.UniformSampler(train_patch_sizes, seed=seed)
         self.test_patch_size = to_2tuple(test_patch_size, "test_patch_size")
         self.out_stride = out_stride

@@ -4,7 +4,9 @@ Most tests need detectron2 (not on PyPI) and skip without it; the import-guard t
 both settings.
 """
 
+import argparse
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -15,17 +17,20 @@ from markers import needs_fashion_mnist
 import flexivit
 import tasks
 import tasks.detectron2_backbone as plugin
+from tasks.common.dense import dense_backbone
 
 try:
     import detectron2
-except ModuleNotFoundError:  # only a missing detectron2 skips; a broken install fails the tests below
+except ModuleNotFoundError as error:  # only a missing detectron2 skips; a broken install (a missing fvcore, say) fails
+    if error.name != "detectron2":
+        raise
     detectron2 = None
-needs_detectron2 = pytest.mark.skipif(detectron2 is None, reason=f"detectron2 not installed. {plugin.INSTALL_HINT}")
+needs_detectron2 = pytest.mark.skipif(detectron2 is None, reason=f"detectron2 is not installed. {plugin.INSTALL_HINT}")
 
 if detectron2 is not None:
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import LazyConfig, get_cfg, instantiate
-    from detectron2.engine import SimpleTrainer, hooks
+    from detectron2.engine import SimpleTrainer, default_setup, hooks
     from detectron2.modeling import build_backbone
     from detectron2.structures import ImageList
     from detectron2.utils.events import EventStorage
@@ -72,6 +77,30 @@ def test_resampled_token_map_is_aligned_in_pixels(patch):
     # A constant map stays constant everywhere, the border included.
     const = plugin.resample_to_stride(torch.full((1, 1, gh, gw), 3.0), (patch, patch), 16, (4, 6))
     torch.testing.assert_close(const, torch.full((1, 1, 4, 6), 3.0))
+
+
+def test_missing_pretrained_says_what_to_run_first(tmp_path, monkeypatch):
+    # A fresh clone has no runs/fashion_mnist: the configs' default backbone must say how to make it, or how to skip it.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"bash tools/main\.sh.*model\.backbone\.pretrained=null"):
+        dense_backbone("flexivit_mu", "runs/fashion_mnist")
+    with pytest.raises(FileNotFoundError, match="neither a file, a workdir nor a release") as info:
+        dense_backbone("flexivit_mu", "runs/typo")
+    assert "main.sh" not in str(info.value)
+    vit = dense_backbone("flexivit_mu", None, dict(TINY))
+    assert vit.num_classes == 0 and vit.depth == 1
+
+
+@needs_detectron2
+def test_scenes_config_builds_without_the_main_job_when_told(tmp_path, monkeypatch):
+    # What lazyconfig_train_net.py does first, in a fresh clone: instantiate(cfg.model). The default needs the main
+    # job and says so; --eval-only's model.backbone.pretrained=null (train.init_checkpoint has every weight) does not.
+    monkeypatch.chdir(tmp_path)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(CONFIG)), ["model.backbone.overrides.depth=1"])
+    with pytest.raises(FileNotFoundError, match=r"bash tools/main\.sh"):
+        instantiate(cfg.model)
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.pretrained=null"])
+    assert isinstance(instantiate(cfg.model).backbone, plugin.FlexiViTBackbone)
 
 
 @needs_detectron2
@@ -168,16 +197,13 @@ def build_trainer(cfg):
     return trainer, checkpointer
 
 
-@needs_detectron2
-@needs_fashion_mnist
-def test_scenes_config_trains_resumes_and_evaluates_with_detectron2(tmp_path, monkeypatch):
-    """configs/detectron2 (a tiny backbone) through detectron2's SimpleTrainer, checkpointer and COCOEvaluator."""
-    from detectron2.evaluation import inference_on_dataset
-
+def tiny_scenes_config(tmp_path, work="work"):
+    """configs/detectron2's scenes config with a tiny random backbone on 8 + 4 generated 64 px scenes."""
     from tasks.common import scenes
 
     root = tmp_path / "scenes"
-    scenes.write_scenes(root, num_train=8, num_val=4, seed=0, spec=scenes.SceneSpec(size=64))
+    if not root.is_dir():
+        scenes.write_scenes(root, num_train=8, num_val=4, seed=0, spec=scenes.SceneSpec(size=64))
     cfg = LazyConfig.load(str(CONFIG))
     cfg.model.backbone.update(pretrained=None, overrides=dict(**TINY, base_patch_size=16, posemb_grid=7))
     cfg.model.backbone.train_patch_sizes = [16, 12, 8]
@@ -187,9 +213,40 @@ def test_scenes_config_trains_resumes_and_evaluates_with_detectron2(tmp_path, mo
         cfg.dataloader[split].num_workers = 0
     cfg.dataloader.train.total_batch_size = 2
     cfg.dataloader.evaluator.output_dir = str(tmp_path / "eval")
-    cfg.train.update(output_dir=str(tmp_path / "work"), max_iter=4)
-    (tmp_path / "work").mkdir()  # detectron2's default_setup makes it in lazyconfig_train_net.py
+    cfg.train.update(output_dir=str(tmp_path / work), max_iter=4)
+    (tmp_path / work).mkdir()  # detectron2's default_setup makes it in lazyconfig_train_net.py
     cfg.train.checkpointer.period = 2  # saves after iterations 1 and 3 (model_0000001.pth, model_final.pth)
+    return cfg
+
+
+@needs_detectron2
+@needs_fashion_mnist
+def test_config_seed_makes_two_runs_identical(tmp_path):
+    """train.seed, applied by default_setup as lazyconfig_train_net.py does, fixes the init and the data order."""
+    cfg = LazyConfig.load(str(CONFIG))
+    assert isinstance(cfg.train.seed, int) and cfg.train.seed >= 0  # < 0 would mean a fresh random seed per run
+
+    def losses(work, seed):
+        run = tiny_scenes_config(tmp_path, work)
+        run.train.seed = seed
+        default_setup(run, argparse.Namespace())
+        trainer, _ = build_trainer(run)
+        trainer.train(0, 3)
+        return [value for value, _ in trainer.storage.history("total_loss").values()]
+
+    first = losses("a", cfg.train.seed)
+    assert len(first) == 3 and all(map(math.isfinite, first))
+    assert losses("b", cfg.train.seed) == first  # bit for bit
+    assert losses("c", cfg.train.seed + 1) != first  # the seed really is what fixes them
+
+
+@needs_detectron2
+@needs_fashion_mnist
+def test_scenes_config_trains_resumes_and_evaluates_with_detectron2(tmp_path, monkeypatch):
+    """configs/detectron2 (a tiny backbone) through detectron2's SimpleTrainer, checkpointer and COCOEvaluator."""
+    from detectron2.evaluation import inference_on_dataset
+
+    cfg = tiny_scenes_config(tmp_path)
 
     seen = []  # (storage iteration or "eval", patch size) of every backbone forward
     current = plugin.FlexiViTBackbone.current_patch_size
@@ -205,6 +262,8 @@ def test_scenes_config_trains_resumes_and_evaluates_with_detectron2(tmp_path, mo
     trainer.train(0, 4)
     assert trainer.iter == 4
     assert seen == [(i, sampler(i)) for i in range(4)]
+    # The sampled size reaches detectron2's metrics (metrics.json, TensorBoard) at its own iteration.
+    assert trainer.storage.history("patch_size").values() == [(float(sampler(i)), i) for i in range(4)]
     work = tmp_path / "work"
     assert (work / "model_0000001.pth").is_file() and (work / "model_final.pth").is_file()
 
@@ -221,6 +280,7 @@ def test_scenes_config_trains_resumes_and_evaluates_with_detectron2(tmp_path, mo
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
     resumed.train(resumed.iter + 1, 4)
     assert seen == [(2, sampler(2)), (3, sampler(3))]
+    assert resumed.storage.history("patch_size").values() == [(float(sampler(i)), i) for i in (2, 3)]
 
     # COCOEvaluator on the validation scenes, at two patch sizes through the sweep helper.
     seen.clear()

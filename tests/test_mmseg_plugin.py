@@ -9,7 +9,7 @@ from markers import needs_fashion_mnist
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed (bash tools/install_mmseg.sh)")
 pytest.importorskip("mmcv.ops", reason="mmcv built without ops (bash tools/install_mmseg.sh)")
 
-from mmengine.config import Config  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import MessageHub  # noqa: E402
 from mmengine.optim import OptimWrapper  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
@@ -145,6 +145,18 @@ def test_scenes_config_trains_resumes_and_evaluates_with_the_runner(tmp_path, mo
     resumed.train()
     assert resumed.iter == 4
     assert seen == [(i, sampler(i)) for i in (2, 3)]
+
+
+def test_scenes_config_names_what_to_run_first_and_tests_without_it(tmp_path, monkeypatch):
+    # mmseg's tools/train.py in a fresh clone: the config's backbone is the main job's workdir, so building the model
+    # says how to make it; tools/test.py with --cfg-options model.backbone.pretrained=None needs only the checkpoint.
+    monkeypatch.chdir(tmp_path)
+    config = Config.fromfile(str(SCENES_CONFIG))
+    config.model.backbone.overrides.depth = 1
+    with pytest.raises(FileNotFoundError, match=r"bash tools/main\.sh"):
+        MODELS.build(config.model)
+    config.merge_from_dict({"model.backbone.pretrained": DictAction._parse_iterable("None")})
+    assert MODELS.build(config.model).backbone.vit.num_classes == 0
 
 
 def test_backbone_loads_a_training_workdir_flexified(tmp_path):

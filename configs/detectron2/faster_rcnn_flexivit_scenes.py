@@ -1,16 +1,22 @@
 # Faster R-CNN with a FlexiViT-mu + simple feature pyramid backbone on the generated scenes (COCO instances, ten
-# Fashion-MNIST thing classes, 96 px), a detectron2 LazyConfig sized for a CPU. The backbone is the classification
-# main job's FlexiViT (bash tools/main.sh), the scenes are written by
-# python -m tools.make_scenes --out data/scenes --num-train 2000 --num-val 200. From the repository root, with
-# detectron2's source checkout in $D2 (README, "Optional stacks"):
+# Fashion-MNIST thing classes, 96 px), a detectron2 LazyConfig sized for a CPU. From the repository root, with
+# detectron2's source checkout in $D2 (docs/detectron2.md: outside this repository), first write what it reads (once):
+#
+#   bash tools/main.sh                # the classification main job: the backbone, runs/fashion_mnist
+#   .venv/bin/python -m tools.make_scenes --out data/scenes --num-train 2000 --num-val 200
+#
+# then train (--resume continues from the last checkpoint, at the same patch-size sequence) and evaluate:
 #
 #   CONFIG=configs/detectron2/faster_rcnn_flexivit_scenes.py
-#   PYTHONPATH=. python $D2/tools/lazyconfig_train_net.py --config-file $CONFIG
-#   PYTHONPATH=. python $D2/tools/lazyconfig_train_net.py --config-file $CONFIG --eval-only \
-#       train.init_checkpoint=runs/detectron2_scenes/model_final.pth model.backbone.test_patch_size=8
+#   PYTHONPATH=. .venv/bin/python $D2/tools/lazyconfig_train_net.py --config-file $CONFIG
+#   PYTHONPATH=. .venv/bin/python $D2/tools/lazyconfig_train_net.py --config-file $CONFIG --eval-only \
+#       train.init_checkpoint=runs/detectron2_scenes/model_final.pth model.backbone.pretrained=null \
+#       model.backbone.test_patch_size=8
 #
-# Training draws one patch size per iteration from (model.backbone.seed, iteration); evaluation uses
-# model.backbone.test_patch_size (tasks.detectron2_backbone.evaluate_patch_sizes sweeps several).
+# (--eval-only takes every weight from train.init_checkpoint, so model.backbone.pretrained=null skips the main job.)
+# Training draws one patch size per iteration from (model.backbone.seed, iteration), logged as "patch_size" in
+# metrics.json; train.seed makes two runs identical. Evaluation uses model.backbone.test_patch_size
+# (tasks.detectron2_backbone.evaluate_patch_sizes sweeps several).
 # Mask R-CNN: keep the model zoo's mask head (drop the three "mask_*" lines below) and set
 # dataloader.train.mapper.use_instance_mask=True; the scenes' JSON carries RLE masks.
 import detectron2.data.transforms as T
@@ -102,4 +108,5 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 train = model_zoo.get_config("common/train.py").train
 train.update(output_dir="runs/detectron2_scenes", max_iter=500, eval_period=500, log_period=20, device="cpu")
+train.seed = 0  # detectron2's default_setup seeds torch, numpy and random (+ rank): the init and data order repeat
 train.checkpointer.update(period=250, max_to_keep=2)

@@ -1,13 +1,20 @@
 # Segmenter-Linear with FlexiViT-mu on the generated scenes (ADE20k layout, 12 classes), in mmsegmentation 1.x: the
 # embedded default of docs/segmentation.md run through mmseg's own Runner, so that the plug-in can be tried on a CPU.
-# The backbone is the classification main job's FlexiViT (bash tools/main.sh), the scenes are written by
-# bash tools/segmentation_demo.sh (or python -m tools.make_scenes --out data/scenes --num-train 2000 --num-val 200).
+# `bash tools/mmseg_demo.sh` runs all of it; by hand, from the repository root, first write what it reads (once):
 #
-#   python .venv/lib/python3.11/site-packages/mmseg/.mim/tools/train.py \
-#       configs/mmseg/segmenter_linear_flexivit-mu_1xb16-1k_scenes-96x96.py --work-dir runs/mmseg_scenes
-#   python .venv/lib/python3.11/site-packages/mmseg/.mim/tools/test.py \
-#       configs/mmseg/segmenter_linear_flexivit-mu_1xb16-1k_scenes-96x96.py runs/mmseg_scenes/iter_1000.pth \
-#       --cfg-options model.backbone.test_patch_size=4
+#   bash tools/install_mmseg.sh       # mmengine, mmcv, mmseg into .venv
+#   bash tools/main.sh                # the classification main job: the backbone, runs/fashion_mnist
+#   .venv/bin/python -m tools.make_scenes --out data/scenes --num-train 2000 --num-val 200
+#
+# then train and test with mmseg's tools (the test takes every weight from the checkpoint, hence pretrained=None;
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 because mmengine 0.10.7 reads its own checkpoints with a plain torch.load):
+#
+#   MIM=$(.venv/bin/python -c "import mmseg, os; print(os.path.dirname(mmseg.__file__))")/.mim/tools
+#   CONFIG=configs/mmseg/segmenter_linear_flexivit-mu_1xb16-1k_scenes-96x96.py
+#   export PYTHONPATH=. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+#   .venv/bin/python $MIM/train.py $CONFIG --work-dir runs/mmseg_scenes
+#   .venv/bin/python $MIM/test.py $CONFIG runs/mmseg_scenes/iter_1000.pth \
+#       --cfg-options model.backbone.pretrained=None model.backbone.test_patch_size=4
 _base_ = ["./segmenter_linear_flexivit-s_8xb1-160k_ade20k-512x512.py"]
 
 crop_size = (96, 96)

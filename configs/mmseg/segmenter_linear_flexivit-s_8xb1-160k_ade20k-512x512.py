@@ -1,13 +1,16 @@
 # Segmenter-Linear with a FlexiViT-S backbone on ADE20k, in mmsegmentation 1.x (paper Sec. 4; docs/reference.md §9).
 # Same recipe as mmseg's segmenter_vit-s_fcn_8xb1-160k_ade20k-512x512 (45.75 mIoU with ViT-S/16), the ViT replaced by
-# a FlexiViT trained with a random patch size per iteration and tested at `test_patch_size`:
+# a FlexiViT trained with a random patch size per iteration and tested at `test_patch_size`. It needs
+# data/ade/ADEChallengeData2016 (mmseg's layout; not shipped) and downloads the flexivit_s_i1k release on first use.
+# From the repository root:
 #
 #   bash tools/install_mmseg.sh
-#   python .venv/lib/python3.11/site-packages/mmseg/.mim/tools/train.py \
-#       configs/mmseg/segmenter_linear_flexivit-s_8xb1-160k_ade20k-512x512.py
-#   (or mmseg's tools/train.py / dist_train.sh from a source checkout; data under data/ade/ADEChallengeData2016)
+#   MIM=$(.venv/bin/python -c "import mmseg, os; print(os.path.dirname(mmseg.__file__))")/.mim/tools
+#   PYTHONPATH=. .venv/bin/python $MIM/train.py configs/mmseg/segmenter_linear_flexivit-s_8xb1-160k_ade20k-512x512.py
+#   (or with mmseg's tools/dist_train.sh from a source checkout, PYTHONPATH=. set the same way)
 #
-# Evaluate at another patch size: --cfg-options model.backbone.test_patch_size=8
+# Evaluate at another patch size: --cfg-options model.backbone.test_patch_size=8 (and model.backbone.pretrained=None
+# with test.py, which loads every weight from the checkpoint).
 _base_ = [
     "mmseg::_base_/datasets/ade20k.py",
     "mmseg::_base_/default_runtime.py",
