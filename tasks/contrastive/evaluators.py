@@ -141,8 +141,8 @@ def encode_images(
                 features[patch].append(model.encode_image(images, patch_size=patch, normalize=True).float().cpu())
         extras.append(torch.as_tensor(extra))
     n = len(dataset)
-    gathered = {p: _gather_interleaved(torch.cat(f), n) for p, f in features.items()}
-    return gathered, _gather_interleaved(torch.cat(extras), n)
+    gathered = {p: _gather_interleaved(f, n) for p, f in features.items()}
+    return gathered, _gather_interleaved(extras, n)
 
 
 @torch.no_grad()
@@ -156,11 +156,22 @@ def encode_texts(model, texts: Sequence[str], device, autocast_dtype=None, batch
     return torch.cat(out)
 
 
-def _gather_interleaved(local: torch.Tensor, total: int) -> torch.Tensor:
-    """Rows ``rank, rank + world, ...`` from every rank (eval_loader's split) -> all ``total`` rows in order."""
+def _gather_interleaved(chunks: list[torch.Tensor], total: int) -> torch.Tensor:
+    """This rank's rows (``chunks``, concatenated: rows ``rank, rank + world, ...``, eval_loader's split) and every
+    other rank's -> all ``total`` rows in order, on the CPU.
+
+    A rank may have no rows (fewer items than ranks: 3 images over 4 ranks); it then learns the rows' shape and
+    dtype from a rank that has some, and still takes part in the gather the others wait in.
+    """
     world = distributed.world_size()
     if world == 1:
-        return local
+        return torch.cat(chunks)
+    local = torch.cat(chunks) if chunks else None
+    if total < world:  # some rank (rank >= total) has no rows; every rank knows, from total and world alone
+        shapes = distributed.all_gather_object(None if local is None else (local.shape[1:], local.dtype))
+        row_shape, dtype = next(shape for shape in shapes if shape is not None)
+        if local is None:
+            local = torch.empty(0, *row_shape, dtype=dtype)
     per_rank = -(-total // world)
     padded = local.new_zeros(per_rank, *local.shape[1:])
     padded[: len(local)] = local
