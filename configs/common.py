@@ -38,6 +38,10 @@ def engine_config() -> Config:
             consistency=dict(weight=0.0, sizes=[]),
             grad_checkpointing=False,
             compile=False,
+            # One forward and backward at the sampler's most expensive patch size before the first step, so that
+            # running out of memory there fails at start-up. None: on a GPU only; True / False: always / never.
+            memory_check=None,
+            tf32=True,  # fp32 on a GPU: matmuls and convolutions in TF32 (tasks/common/precision.py)
             log_every=50,
             ckpt_every=500,
             keep_ckpts=2,

@@ -370,8 +370,8 @@ def test_collectives_get_tensors_on_the_device_the_engine_trains_on(tmp_path, mo
         backend_device = distributed.collective_device()
     finally:
         dist.destroy_process_group()
-    # Per step: the patch-size check (2) and the loss sum (1); at the end the checksum check (2), the eval sums (1).
-    assert len(seen) >= 2 * 3 + 3, seen
+    # Per step: the loss sum, which carries the patch-size check (1); at the end the checksum check (2), the eval sums.
+    assert len(seen) >= 2 * 1 + 3, seen
     assert {device for _, device in seen} == {engine_device} == {backend_device}, seen
 
 

@@ -19,7 +19,8 @@ import torch
 from flexivit.files import CheckpointError
 from tasks import Run, RunError, TaskError, backbone_token_grid, load_run
 from tasks.common.config import Config, ConfigError, apply_overrides, load_config
-from tasks.common.precision import PRECISIONS, autocast, autocast_dtype
+from tasks.common.loader import eval_loading
+from tasks.common.precision import PRECISIONS, autocast, autocast_dtype, use_tf32
 from tasks.common.train_state import CheckpointMismatchError
 from tools.arguments import positive_int
 from tools.lib.profiling import count_gflops_fn, device_description, measure_throughput
@@ -121,7 +122,9 @@ def sweep(name: str, run: Run, patch_sizes, device, *, timing_batch=32, timing=T
     _, _, val_set, _ = task.build_datasets(config.data)
     model = run.model.to(device).eval()
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
-    results = task.evaluate(model, val_set, patches, device, dtype, config.eval.batch_size)
+    use_tf32(precision)  # fp32 on a GPU: TF32 matmuls, as the engine trains
+    with eval_loading(num_workers=config.data.get("num_workers", 0), pin_memory=device.type == "cuda"):
+        results = task.evaluate(model, val_set, patches, device, dtype, config.eval.batch_size)
     forward = task.image_forward(model)
     # Speed does not depend on pixel values: time a synthetic batch of the configured size (validation images may
     # differ in size, e.g. ADE20k).

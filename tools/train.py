@@ -7,8 +7,10 @@
     torchrun --nproc_per_node 2 -m tools.train --config ... --workdir ...   # data parallel, same command
 
 The workdir holds one run (tasks/common/workdir.py): nothing is written into it until the config is valid and, on
-``--resume``, the checkpoint is loaded, so a failed start changes no file. Ctrl-C stops at the end of the current
-step, saves a checkpoint there and prints the command that resumes (a second Ctrl-C stops at once).
+``--resume``, the checkpoint is loaded, so a failed start changes no file (running out of memory at the most
+expensive patch size included: ``memory_check`` runs it first). Ctrl-C stops at the end of the current step (with
+several processes, at the next log or checkpoint step, where they agree on it), saves a checkpoint there and prints
+the command that resumes (a second Ctrl-C stops at once).
 
 One linear loop. The patch size of step ``s`` comes from ``sampler(s)`` with the sampler seeded by the config,
 so every rank uses the same size and a resumed run repeats the same sequence; the data order and the
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import sys
 import threading
@@ -48,9 +52,10 @@ from tasks.common.config import (
     load_config,
     save_config,
 )
-from tasks.common.loader import train_loader
+from tasks.common.loader import eval_loading, train_loader
 from tasks.common.optim import build_optimizer, build_scheduler, freeze
-from tasks.common.precision import PRECISIONS, autocast
+from tasks.common.precision import autocast, use_tf32
+from tasks.common.precision import autocast_dtype as dtype_of
 from tasks.common.train_state import latest_checkpoint, load_latest_train_state, resolve_checkpoint, save_train_state
 from tasks.common.transforms import InputRenormalization, as_value_range
 from tasks.common.writers import MetricWriter
@@ -159,7 +164,7 @@ def accumulate_gradients(net, loss_fn, batch: list[torch.Tensor], accum: int, *,
             (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
         total = loss.detach() / accum if total is None else total + loss.detach() / accum
         for key, value in terms.items():
-            metrics[key] = metrics.get(key, 0.0) + torch.as_tensor(value, device=loss.device).detach().float() / accum
+            metrics[key] = metrics.get(key, 0.0) + _device_scalar(value, loss).detach().float() / accum
     return total, metrics
 
 
@@ -220,7 +225,9 @@ def main(argv=None) -> dict:
         end_factor=optim_cfg.end_factor,
     )
     precision = train_cfg.precision
-    autocast_dtype = PRECISIONS[precision]
+    autocast_dtype = dtype_of(precision, device)  # warns where bf16 is emulated (V100, T4)
+    # fp32 on a GPU: TF32 matmuls unless train.tf32=False (.get: a run saved before the key existed resumes)
+    tf32 = use_tf32(precision, allowed=train_cfg.get("tf32", True))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     accum = optim_cfg.accum_steps
     start_step = 0
@@ -231,17 +238,14 @@ def main(argv=None) -> dict:
             if main_process:
                 print(f"resumed from {found} at step {start_step}", flush=True)
 
-    # ------------------------------------------------------------------------------------------ the run starts
-    distributed.barrier()  # every rank has checked the workdir before the main process writes into it
-
-    def start_run():  # --overwrite's deletion, leftover temp files, logs cut back to the checkpoint; the config
-        run_dir.start(workdir, mode, start_step)
-        save_config(config, workdir / "config.json")
-
-    distributed.on_main(start_run)  # a failure there (a full disk) ends every rank with its message
+    # ------------------------------------------------------------------------------------------ data parallel, loader
     net = model
     if world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer broadcast before every forward: the only buffers that change (the VQ dictionary's EMA) are
+        # all-reduced in their own update, so ranks stay equal without it (DDP's constructor syncs them once).
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if train_cfg.compile:
         # One graph per patch size (shapes are static within a step); the cache limit bounds recompilation.
         torch._dynamo.config.cache_size_limit = max(64, 4 * len(sampler.sizes))
@@ -257,18 +261,49 @@ def main(argv=None) -> dict:
         start_step=start_step,
         num_workers=config.data.num_workers,
         collate_fn=task.collate,
+        pin_memory=device.type == "cuda",  # so that the copies below are asynchronous
     )
+    batches = iter(loader)
+
+    # ------------------------------------------------------------------------------------------ memory check
+    # Before the run starts: running out of memory at start-up changes no file.
+    model.train()
+    if len(sampler.sizes) > 1 and _memory_check_on(train_cfg.get("memory_check"), device):
+        first = next(batches)
+        batches = itertools.chain([first], batches)  # the loop still trains on it
+        memory_check(
+            net,
+            model,
+            loss_fn,
+            [t.to(device, non_blocking=True) for t in first],
+            patch=min(sampler.sizes, key=lambda p: np.prod(flexivit.pi_resize.to_2tuple(p))),  # the most tokens
+            step=start_step,
+            accum=accum,
+            autocast=lambda: autocast(device, autocast_dtype),
+            device=device,
+        )
+
+    # ------------------------------------------------------------------------------------------ the run starts
+    distributed.barrier()  # every rank has checked the workdir before the main process writes into it
+
+    def start_run():  # --overwrite's deletion, leftover temp files, logs cut back to the checkpoint; the config
+        run_dir.start(workdir, mode, start_step)
+        save_config(config, workdir / "config.json")
+
+    distributed.on_main(start_run)  # a failure there (a full disk) ends every rank with its message
     writer = MetricWriter(workdir, enabled=main_process, start_step=start_step)
     if main_process:
         print(
             f"{config.task}: {len(train_set)} train / {len(val_set)} val examples; "
             f"model {config.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-            f"{len(frozen)} frozen); patch sizes {sampler}; {world} process(es) on {device}",
+            f"{len(frozen)} frozen); patch sizes {sampler}; {world} process(es) on {device}"
+            + (f"; {precision}, TF32 matmuls {'on' if tf32 else 'off'}" if device.type == "cuda" else ""),
             flush=True,
         )
 
     def run_eval(step: int) -> dict:
-        results = task.evaluate(model, val_set, eval_patches, device, autocast_dtype, eval_cfg.batch_size)
+        with eval_loading(num_workers=config.data.num_workers, pin_memory=device.type == "cuda"):
+            results = task.evaluate(model, val_set, eval_patches, device, autocast_dtype, eval_cfg.batch_size)
         if main_process:
             writer.write(
                 step, {f"eval/{k}_p{_name(p)}": v for p, r in results.items() for k, v in r.items() if k != "n"}
@@ -279,16 +314,17 @@ def main(argv=None) -> dict:
         return results
 
     # ------------------------------------------------------------------------------------------ train loop
+    # No step reads a value off the device (a read waits until the GPU has run everything queued, so the host could
+    # not queue the next step meanwhile): the loss, the Ctrl-C flag and the patch-size check travel in one all-reduce,
+    # and the values are read on log, checkpoint and evaluation steps only (`checks`); a non-finite loss stops the run
+    # at the next of them, before its update and before any checkpoint.
     progress = _progress(start_step, train_cfg.steps, main_process)
-    batches = iter(loader)
-    model.train()
+    checks = StepChecks(device)
     t_last, results, done = time.perf_counter(), {}, start_step
     resume_command = f"python -m tools.train --workdir {workdir} --resume"
     with _CtrlC(workdir, resume_command) as ctrl_c:
         for step in range(start_step, train_cfg.steps):
             patch = sampler(step)  # the same on every rank: a function of (seed, step) only
-            # Cheap insurance for the paper's "one patch size per step on all ranks" (a no-op in one process).
-            distributed.check_same_across_ranks([step, *flexivit.pi_resize.to_2tuple(patch)], "the patch size")
             batch = [t.to(device, non_blocking=True) for t in next(batches)]
             torch.manual_seed(step_seed(config.seed, step, rank))
 
@@ -298,16 +334,30 @@ def main(argv=None) -> dict:
             step_loss, terms = accumulate_gradients(
                 net, micro_loss, batch, accum, autocast=lambda: autocast(device, autocast_dtype), scaler=scaler
             )
-            # One call for the loss, its terms and whether any rank got Ctrl-C (so every rank stops after this step).
-            stop_flag = torch.tensor(float(ctrl_c.requested), device=step_loss.device)
-            reduced = distributed.all_reduce_sum(torch.stack([step_loss.float(), *terms.values(), stop_flag])) / world
-            mean_loss, terms = reduced[0], dict(zip(terms, reduced[1:-1], strict=True))
-            if not torch.isfinite(mean_loss):
-                last = latest_checkpoint(workdir)
-                raise FloatingPointError(
-                    f"non-finite loss {mean_loss.item()} at step {step} (patch size {patch}); stopped before updating "
-                    f"the weights. Last good checkpoint: {last or 'none yet'}"
-                )
+            # One all-reduce for the loss, its terms, whether any rank got Ctrl-C (so every rank stops after the same
+            # step) and, in a process group, the step and patch size: the paper's "one patch size per step on all
+            # ranks", checked as sum over ranks == world x this rank's value (each < 2^12: exact in float32).
+            n = len(terms)
+            local = [step_loss.float(), *terms.values(), _device_scalar(float(ctrl_c.requested), step_loss)]
+            if distributed.is_initialized():
+                local += [_device_scalar(v, step_loss) for v in (step % 4096, *flexivit.pi_resize.to_2tuple(patch))]
+            local = torch.stack(local)
+            summed = distributed.all_reduce_sum(local)
+            reduced = summed / world
+            mean_loss, terms = reduced[0], dict(zip(terms, reduced[1 : 1 + n], strict=True))
+            mismatch = (summed[2 + n :] != world * local[2 + n :]).any() if distributed.is_initialized() else None
+            checks.record(step, patch, mean_loss, mismatch)
+
+            done = step + 1
+            log_now = done % train_cfg.log_every == 0 or done == train_cfg.steps
+            eval_now = bool(eval_cfg.every) and done % eval_cfg.every == 0 and done != train_cfg.steps
+            ckpt_now = done % train_cfg.ckpt_every == 0 or done == train_cfg.steps
+            # Ctrl-C: one process stops after this step; a process group after the next step that reads the flag.
+            stop = world == 1 and ctrl_c.requested
+            if log_now or eval_now or ckpt_now or stop:
+                any_rank_stops = checks.read(step, stop_flag=summed[1 + n], workdir=workdir)  # raises on a problem
+                stop = stop or any_rank_stops
+                ckpt_now = ckpt_now or stop
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], optim_cfg.clip_norm or float("inf")
@@ -317,13 +367,13 @@ def main(argv=None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
-            done = step + 1
-            if main_process and (done % train_cfg.log_every == 0 or done == train_cfg.steps):
+            if main_process and log_now:
                 now = time.perf_counter()
+                loss_value = mean_loss.item()
                 writer.write(
                     done,
                     {
-                        "train/loss": mean_loss.item(),
+                        "train/loss": loss_value,
                         **{f"train/{k}": v.item() for k, v in terms.items()},
                         "train/patch_size": _name(patch),
                         "train/lr": scheduler.get_last_lr()[0],
@@ -332,14 +382,13 @@ def main(argv=None) -> dict:
                     },
                 )
                 t_last = now
+                progress.set_postfix(loss=f"{loss_value:.3f}", p=_name(patch), refresh=False)
             if main_process:
                 writer.record_patch(done, patch)
                 progress.update(1)
-                progress.set_postfix(loss=f"{mean_loss.item():.3f}", p=_name(patch), refresh=False)
-            if eval_cfg.every and done % eval_cfg.every == 0 and done != train_cfg.steps:
+            if eval_now:
                 run_eval(done)
-            stop = reduced[-1].item() > 0
-            if done % train_cfg.ckpt_every == 0 or done == train_cfg.steps or stop:
+            if ckpt_now:
                 distributed.on_main(
                     save_train_state,
                     workdir,
@@ -374,6 +423,110 @@ def main(argv=None) -> dict:
     writer.close()
     distributed.shutdown()
     return results
+
+
+class StepChecks:
+    """The engine's per-step checks, kept on the device and read on the steps that read values anyway.
+
+    Reading a GPU value (``.item()``, ``if tensor``) waits until the GPU has run all it was given; done every step,
+    the host cannot queue step s+1 while the GPU runs step s. So :meth:`record` only updates device tensors (the first
+    step whose all-reduced loss was non-finite, and that loss; the first step whose step number or patch size
+    differed between processes), and :meth:`read`, on log, evaluation and checkpoint steps, reads them in one go and
+    raises. Since every checkpoint step reads before the update and the save, no checkpoint holds weights updated
+    by a step whose loss was non-finite; the steps between such a step and the next read do run (on NaN weights).
+    """
+
+    def __init__(self, device: torch.device):
+        self.bad_step = torch.full((), -1.0, dtype=torch.float64, device=device)  # -1: none yet
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.mismatch_step = torch.full((), -1.0, dtype=torch.float64, device=device)
+        self.patches: dict[int, object] = {}  # step -> patch size, since the last read (host values, for the message)
+
+    def record(self, step: int, patch, loss: torch.Tensor, mismatch: torch.Tensor | None) -> None:
+        """Note step ``step``'s all-reduced ``loss`` and whether the processes disagreed (None: one process)."""
+        self.patches[step] = patch
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.double(), self.bad_loss)
+        if mismatch is not None:
+            self.mismatch_step = torch.where(mismatch & (self.mismatch_step < 0), step, self.mismatch_step)
+
+    def read(self, step: int, *, stop_flag: torch.Tensor, workdir: Path) -> bool:
+        """Raise on a non-finite loss or a disagreement since the last read; else whether any rank got Ctrl-C."""
+        bad_step, bad_loss, mismatch_step, stop = torch.stack(
+            [self.bad_step, self.bad_loss, self.mismatch_step, stop_flag.double()]
+        ).tolist()
+        patches, self.patches = self.patches, {}
+        if mismatch_step >= 0:
+            raise RuntimeError(
+                f"the step or the patch size differs between processes from step {int(mismatch_step)} on: rank "
+                f"{distributed.rank()} trained step {int(mismatch_step)} at patch size {patches[int(mismatch_step)]}"
+            )
+        if bad_step >= 0:
+            bad_step = int(bad_step)
+            ran = (
+                "stopped before updating the weights"
+                if bad_step == step
+                else f"steps {bad_step}-{step - 1} updated the weights (the loss is read on log and checkpoint steps "
+                f"only); stopped before step {step}'s update and before any checkpoint"
+            )
+            raise FloatingPointError(
+                f"non-finite loss {bad_loss} at step {bad_step} (patch size {patches[bad_step]}); {ran}. "
+                f"Last good checkpoint: {latest_checkpoint(workdir) or 'none yet'}"
+            )
+        return stop > 0
+
+
+class MemoryCheckError(ValueError):
+    """The most expensive patch size does not fit in the device's memory at this batch size (see memory_check)."""
+
+
+def memory_check(net, model, loss_fn, batch, *, patch, step: int, accum: int, autocast, device) -> None:
+    """One forward and backward at ``patch`` on ``batch`` without an update, so that a recipe that fits at the
+    cheap patch sizes but not at the most expensive one fails at start-up, naming the settings to change, instead
+    of at the step where the sampler first draws that size (hours in).
+
+    Numerics are unchanged: no optimizer step, the gradients set back to None (as every step leaves them), the
+    buffers and the torch / numpy / Python RNG states restored; under DDP the backward skips the all-reduce.
+    """
+    buffers = [b.detach().clone() for b in model.buffers()]
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    sync = net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), sync:
+            accumulate_gradients(net, lambda mb: loss_fn(net, mb, patch, step), batch, accum, autocast=autocast)
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        text = str(error)
+        if not isinstance(error, torch.cuda.OutOfMemoryError | MemoryError) and not (
+            "out of memory" in text or "can't allocate memory" in text
+        ):
+            raise
+        per_process = len(batch[0])
+        raise MemoryCheckError(
+            f"out of memory on {device} at patch size {_name(patch)} (the most tokens this run's sampler draws) with "
+            f"{per_process} images per process in {accum} micro-batch(es) of {per_process // accum}: set "
+            f"train.grad_checkpointing=True, raise optim.accum_steps, or lower train.batch_size "
+            f"({text.splitlines()[0] if text else type(error).__name__})"
+        ) from None
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _memory_check_on(setting: bool | None, device: torch.device) -> bool:
+    """train.memory_check: None (the default) runs it on a GPU only; True / False force it."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
+    """A float32 scalar on ``like``'s device: a fill kernel, not a copy from host memory (which waits for the GPU)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.device)
+    return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
 def check_engine_settings(config: Config, world: int, device: torch.device) -> None:

@@ -249,6 +249,8 @@ _RULES = {
     "train.consistency.weight": lambda v: _number(v, low=0) and "a finite weight >= 0",
     "train.grad_checkpointing": _one_of(True, False),
     "train.compile": _one_of(True, False),
+    "train.memory_check": _one_of(None, True, False),
+    "train.tf32": _one_of(True, False),
     "train.log_every": _positive_int,
     "train.ckpt_every": _positive_int,
     "train.keep_ckpts": _positive_int,

@@ -8,6 +8,7 @@ into ``__getitem__``, where the random transform runs under that seed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -120,8 +121,14 @@ def train_loader(
     start_step: int,
     num_workers: int = 0,
     collate_fn=None,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """An endless loader of this rank's batches from ``start_step`` on (``collate_fn``: the task's, or torch's)."""
+    """An endless loader of this rank's batches from ``start_step`` on (``collate_fn``: the task's, or torch's).
+
+    ``pin_memory`` (the engine sets it when it trains on a GPU): batches come in page-locked memory, so that
+    ``.to(device, non_blocking=True)`` is a copy the GPU makes while the host goes on; from pageable memory it is not.
+    The workers stay alive across epochs (the loader is endless: there is one "epoch").
+    """
     batches = StepBatches(len(dataset), global_batch, seed=seed, rank=rank, world=world, start_step=start_step)
     return DataLoader(
         SeededItems(dataset, transform),
@@ -129,12 +136,38 @@ def train_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
+        pin_memory=pin_memory,
     )
 
 
+# What eval_loader uses when its caller does not say: the entry point sets it from its config for the evaluations it
+# runs (eval_loading), since the task evaluators that build the loaders take no config (tasks/__init__.py).
+_EVAL_LOADING = {"num_workers": 0, "pin_memory": False}
+
+
+@contextlib.contextmanager
+def eval_loading(*, num_workers: int, pin_memory: bool):
+    """Within the block, evaluation loaders read with ``num_workers`` worker processes (data.num_workers) and hand
+    out page-locked batches when ``pin_memory`` (a GPU evaluates); outside it, in the main process, unpinned."""
+    saved = dict(_EVAL_LOADING)
+    _EVAL_LOADING.update(num_workers=num_workers, pin_memory=pin_memory)
+    try:
+        yield
+    finally:
+        _EVAL_LOADING.update(saved)
+
+
 def eval_loader(
-    dataset: Dataset, *, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0
+    dataset: Dataset, *, batch_size: int, rank: int = 0, world: int = 1, num_workers: int | None = None
 ) -> DataLoader:
-    """Every item exactly once, split across ranks in contiguous interleaved slices (no padding duplicates)."""
+    """Every item exactly once, split across ranks in contiguous interleaved slices (no padding duplicates).
+
+    ``num_workers`` None: the setting of the enclosing :func:`eval_loading` (0 outside one).
+    """
     indices = list(range(rank, len(dataset), world))
-    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+    return DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        num_workers=_EVAL_LOADING["num_workers"] if num_workers is None else num_workers,
+        pin_memory=_EVAL_LOADING["pin_memory"],
+    )
