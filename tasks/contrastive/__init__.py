@@ -133,7 +133,7 @@ def make_loss(config, info: dict, teacher=None):
 
     def loss_fn(net, batch, patch_size, step: int) -> tuple[torch.Tensor, dict]:
         images, captions = batch
-        tokens = unwrap(net).tokenize(decode_captions(captions)).to(images.device, non_blocking=True)
+        tokens = unwrap(net).tokenize(decode_captions(captions), images.device)  # marked dynamic on the device
         out = net(images, tokens, patch_size=patch_size)  # through the DDP wrapper, so that gradients are synchronised
         loss = contrastive_loss(kind, **out)
         return loss, {kind: loss, "logit_scale": out["logit_scale"].detach()}

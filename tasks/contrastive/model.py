@@ -30,6 +30,8 @@ import flexivit
 class OpenClipTextTower(nn.Module):
     """open_clip's ``TextTransformer`` (causal mask, end-of-text pooling), no projection: (B, L) ids -> (B, width)."""
 
+    fixed_length = True  # every call pads to ``context_length``: the same token length at every step
+
     def __init__(self, *, width: int = 512, layers: int = 12, heads: int = 8, context_length: int = 77):
         super().__init__()
         from open_clip.tokenizer import SimpleTokenizer
@@ -77,6 +79,11 @@ class HFTextTower(nn.Module):
         context_length: maximum number of tokens (longer texts are truncated).
     """
 
+    # Pads to the longest text of each call, so the length varies from step to step: :func:`text_tokens` marks it
+    # dynamic for torch.compile. Padding to ``context_length`` instead would run the encoder on mostly padding and
+    # change the numerics (the masked softmax and the pooling sums would run over other lengths, measured: 9e-7).
+    fixed_length = False
+
     def __init__(self, *, path: str | None = None, context_length: int = 64):
         super().__init__()
         folder = Path(path) if path else minilm_path()
@@ -112,6 +119,26 @@ class HFTextTower(nn.Module):
 
 
 TEXT_TOWERS = {"openclip": OpenClipTextTower, "hf": HFTextTower}
+
+
+def text_tokens(
+    text: nn.Module, texts: list[str], device: torch.device | str | None = None, *, varying_count: bool = False
+) -> torch.Tensor:
+    """The tower's token ids (K, L) for ``texts``, on ``device`` (None: the CPU), with the dims that change from step
+    to step marked dynamic for torch.compile: the length of a tower that pads to the longest text (HF), and the
+    number of texts where the caller says it varies (``varying_count``: detection's prompts, one per class of the
+    batch). Marked after the copy to ``device`` (a mark stays on the tensor object, and the copy is a new one), so
+    one compiled graph serves every step of a patch size instead of one per (K, L) until dynamo's recompile limit,
+    after which it silently runs eagerly. The mark does nothing outside torch.compile: the values are unchanged."""
+    tokens = text.tokenize(texts)
+    if device is not None:
+        tokens = tokens.to(device, non_blocking=True)
+    # maybe_mark_dynamic, not mark_dynamic: a size of 1 (one prompt) may specialise instead of raising.
+    if not getattr(text, "fixed_length", True):
+        torch._dynamo.maybe_mark_dynamic(tokens, 1)
+    if varying_count:
+        torch._dynamo.maybe_mark_dynamic(tokens, 0)
+    return tokens
 
 
 def build_text_tower(kind: str, **kwargs) -> nn.Module:
@@ -183,9 +210,11 @@ class ImageTextModel(nn.Module):
             self.image.eval()  # a locked tower keeps its eval behaviour (dropout, drop-path) while the text trains
         return self
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """The text tower's token ids (B, L) for ``texts`` (on the CPU)."""
-        return self.text.tokenize(texts)
+    def tokenize(self, texts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """The text tower's token ids (B, L) for ``texts``, on ``device`` (default: the CPU); a length that varies
+        from call to call (HF towers) is marked dynamic for torch.compile (:func:`text_tokens`), so pass the device
+        here rather than calling ``.to(device)`` on the result (the copy would drop the mark)."""
+        return text_tokens(self.text, texts, device)
 
     def encode_image(self, images: torch.Tensor, patch_size=None, *, normalize: bool = False) -> torch.Tensor:
         """(B, C, H, W) -> (B, embed_dim) at ``patch_size``."""

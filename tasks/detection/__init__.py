@@ -276,19 +276,23 @@ def make_loss(config, info, teacher=None):
         images, boxes, box_valid, labels, queries, query_valid = batch
         # Only the prompts and the tokenizer are read from the model; the forward goes through the (DDP) wrapper.
         model = distributed.unwrap(net)
-        classes = torch.unique(queries[query_valid])  # sorted class indices of this batch's valid query slots
         names, templates = model.query_names, model.train_templates
         if not names:
             raise ValueError(
                 "the model has no query_names (the class names its prompts name): build it with "
                 "build_model(model_cfg, info) from the task's datasets, or load a checkpoint that stores them"
             )
+        # The prompts are text, so the query ids go to the host: one copy of both (ids, valid) tensors.
+        host_queries, host_valid = torch.stack([queries, query_valid.to(queries.dtype)]).cpu()
+        classes = torch.unique(host_queries[host_valid.bool()])  # sorted class indices of the valid query slots
         picks = torch.randint(len(templates), (len(classes),)).tolist()
         texts = [templates[t].format(names[c]) for t, c in zip(picks, classes.tolist(), strict=True)]
         if not texts:  # no image of the batch has a valid query: a degenerate batch, but still a graph for DDP
-            texts, classes = [names[0]], torch.zeros(1, dtype=torch.long, device=queries.device)
-        tokens = model.tokenize(texts).to(images.device, non_blocking=True)
-        index = torch.searchsorted(classes.to(queries.device), queries.clamp(min=0)).clamp(max=len(texts) - 1)
+            texts, classes = [names[0]], torch.zeros(1, dtype=torch.long)
+        # (K, L) with K (and an HF tower's L) marked dynamic: one compiled graph per patch size (model.tokenize).
+        tokens = model.tokenize(texts, images.device)
+        classes = classes.to(queries.device, non_blocking=True)
+        index = torch.searchsorted(classes, queries.clamp(min=0)).clamp(max=len(texts) - 1)
         out = net(images, query_valid=query_valid, patch_size=patch_size, query_tokens=tokens, query_index=index)
         return detection_loss(
             out["logits"], out["boxes"], boxes, box_valid, labels, query_valid, objectness=out.get("objectness")

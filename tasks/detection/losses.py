@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
-from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss
 
 from tasks.common import distributed
 
@@ -50,6 +50,34 @@ def sigmoid_focal_loss(
     return loss
 
 
+def _cost(
+    x: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor, tgt: torch.Tensor, alpha: float, gamma: float, w: dict
+) -> torch.Tensor:
+    """The matching cost from float64 logits x (..., N, Q), labels (..., M, Q), boxes (..., N, 4) / (..., M, 4)."""
+    p = torch.sigmoid(x)
+    # -log p = softplus(-x) and -log(1 - p) = softplus(x): stable for large |x|.
+    pos = alpha * (1 - p) ** gamma * F.softplus(-x)
+    neg = (1 - alpha) * p**gamma * F.softplus(x)
+    cost_class = (pos - neg) @ labels.transpose(-1, -2)  # (..., N, M): summed over each target's positive labels
+    cost_l1 = torch.cdist(pred, tgt, p=1)  # (..., N, M), on cxcywh as DETR / OWL-ViT do
+    giou = _pairwise_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(tgt))
+    return w["class"] * cost_class + w["l1"] * cost_l1 - w["giou"] * giou
+
+
+def _pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU (..., N, M) of xyxy boxes a (..., N, 4) and b (..., M, 4): torchvision's ``generalized_box_iou``, the
+    same operations in the same order, with leading batch dimensions."""
+    a, b = a[..., :, None, :], b[..., None, :, :]  # (..., N, 1, 4), (..., 1, M, 4)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a + area_b - inter
+    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
+    area = hull[..., 0] * hull[..., 1]
+    return inter / union - (area - union) / area
+
+
 def matching_cost(
     logits: torch.Tensor,
     pred_boxes: torch.Tensor,
@@ -71,16 +99,35 @@ def matching_cost(
     with torch.no_grad():
         x = logits.detach().to("cpu", torch.float64)[:, query_valid.cpu()]  # (N, Qv)
         labels = tgt_labels.detach().to("cpu", torch.float64)[:, query_valid.cpu()]  # (M, Qv)
-        p = torch.sigmoid(x)
-        # -log p = softplus(-x) and -log(1 - p) = softplus(x): stable for large |x|.
-        pos = alpha * (1 - p) ** gamma * F.softplus(-x)
-        neg = (1 - alpha) * p**gamma * F.softplus(x)
-        cost_class = (pos - neg) @ labels.T  # (N, M): summed over each target's positive labels
         pred = pred_boxes.detach().to("cpu", torch.float64)
         tgt = tgt_boxes.detach().to("cpu", torch.float64)
-        cost_l1 = torch.cdist(pred, tgt, p=1)  # (N, M), on cxcywh as DETR / OWL-ViT do
-        giou = generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(tgt))
-        return w["class"] * cost_class + w["l1"] * cost_l1 - w["giou"] * giou
+        return _cost(x, labels, pred, tgt, alpha, gamma, w)
+
+
+def batch_matching_cost(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    tgt_boxes: torch.Tensor,
+    tgt_labels: torch.Tensor,
+    query_valid: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    gamma: float = 2.0,
+    weights: dict | None = None,
+) -> torch.Tensor:
+    """:func:`matching_cost` of a whole batch at once, on ``logits``' device: (B, N, M) float64, without gradients.
+
+    logits (B, N, Q), pred_boxes (B, N, 4), tgt_boxes (B, M, 4) padded, tgt_labels (B, M, Q), query_valid (B, Q).
+    An invalid query slot adds exactly 0 to the class cost (masked, whatever its logit), so column j of image b
+    holds the cost that :func:`matching_cost` gives that image's target j up to float64 rounding (the sum over the
+    queries runs over the padded slots too). Padding target rows get a cost too: the caller leaves them out.
+    """
+    w = {**DEFAULT_WEIGHTS, **(weights or {})}
+    with torch.no_grad():
+        valid = query_valid.bool()[:, None, :]  # (B, 1, Q)
+        x = logits.detach().double().masked_fill(~valid, 0.0)  # finite in masked slots, whatever the logit
+        labels = tgt_labels.detach().double().masked_fill(~valid, 0.0)  # (B, M, Q): masked slots weigh 0
+        return _cost(x, labels, pred_boxes.detach().double(), tgt_boxes.detach().double(), alpha, gamma, w)
 
 
 def match(
@@ -116,6 +163,53 @@ def match(
         torch.as_tensor(np.asarray(rows), dtype=torch.long, device=device),
         torch.as_tensor(np.asarray(cols), dtype=torch.long, device=device),
     )
+
+
+def match_batch(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    tgt_boxes: torch.Tensor,
+    box_valid: torch.Tensor,
+    tgt_labels: torch.Tensor,
+    query_valid: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    gamma: float = 2.0,
+    weights: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hungarian matching of a batch: ``(batch_idx, pred_idx, tgt_idx)`` int64 on ``logits``' device, image by image
+    the pairs that :func:`match` gives on that image's valid targets (``tgt_idx`` indexes the padded M rows).
+
+    logits (B, N, Q), pred_boxes (B, N, 4), tgt_boxes (B, M, 4), box_valid (B, M), tgt_labels (B, M, Q),
+    query_valid (B, Q). The costs of all images are computed on the device (:func:`batch_matching_cost`) and
+    copied to the host once, with ``box_valid`` in the same copy: one host synchronisation per batch, not one
+    per image; the assignments come back in one copy too.
+    """
+    device, (B, N, _) = logits.device, logits.shape
+    cost = batch_matching_cost(
+        logits, pred_boxes, tgt_boxes, tgt_labels, query_valid, alpha=alpha, gamma=gamma, weights=weights
+    )
+    # One copy: the costs (B, N, M) with box_valid as an extra row (B, 1, M).
+    host = torch.cat([cost, box_valid[:, None, :].to(cost.dtype)], dim=1).cpu().numpy()
+    parts = []
+    for b in range(B):
+        valid = np.flatnonzero(host[b, N])
+        if not len(valid):
+            continue
+        image_cost = host[b, :N][:, valid]  # (N, M_b)
+        if not np.isfinite(image_cost).all():
+            raise ValueError(
+                "the matching cost has non-finite entries: predicted or target boxes contain NaN / inf, or a target "
+                f"box has zero area (image {b}: targets {tgt_boxes[b, torch.as_tensor(valid)].tolist()})"
+            )
+        rows, cols = linear_sum_assignment(image_cost)
+        parts.append(np.stack([np.full(len(rows), b), rows, valid[cols]]))
+    pairs = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0))
+    index = torch.as_tensor(pairs.astype(np.int64))
+    if device.type == "cuda":
+        index = index.pin_memory()
+    index = index.to(device, non_blocking=True)
+    return index[0], index[1], index[2]
 
 
 def detection_loss(
@@ -161,24 +255,18 @@ def detection_loss(
     query_valid, box_valid = query_valid.bool(), box_valid.bool()
     B, N, Q = logits.shape
 
-    # ---- matching, per image, on the valid targets only
-    batch_idx, pred_idx, tgt_idx = [], [], []
-    for b in range(B):
-        valid = box_valid[b].nonzero().squeeze(1)  # indices into M
-        rows, cols = match(
-            logits[b],
-            boxes[b],
-            target_boxes[b, valid],
-            target_labels[b, valid],
-            query_valid[b],
-            alpha=alpha,
-            gamma=gamma,
-            weights=match_weights if match_weights is not None else weights,
-        )
-        batch_idx.append(torch.full_like(rows, b))
-        pred_idx.append(rows)
-        tgt_idx.append(valid[cols])
-    batch_idx, pred_idx, tgt_idx = torch.cat(batch_idx), torch.cat(pred_idx), torch.cat(tgt_idx)
+    # ---- matching: the costs of every image on the device, one copy to the host, scipy per image
+    batch_idx, pred_idx, tgt_idx = match_batch(
+        logits,
+        boxes,
+        target_boxes,
+        box_valid,
+        target_labels,
+        query_valid,
+        alpha=alpha,
+        gamma=gamma,
+        weights=match_weights if match_weights is not None else weights,
+    )
 
     # ---- class loss: focal over every (prediction, valid query) pair; unmatched predictions are pure negatives
     targets = torch.zeros_like(logits)

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou
 
 from flexivit.model import FlexiViT, PatchSize
-from tasks.contrastive.model import ImageTextModel, build_text_tower
+from tasks.contrastive.model import ImageTextModel, build_text_tower, text_tokens
 
 from .losses import cxcywh_to_xyxy
 
@@ -461,9 +461,11 @@ class OwlViT(nn.Module):
 
     # ------------------------------------------------------------------ text side
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """The text tower's token ids (K, L), on the CPU."""
-        return self.text.tokenize(texts)
+    def tokenize(self, texts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """The text tower's token ids (K, L), on ``device`` (default: the CPU). The number of prompts K (one per
+        class of a training batch) and a padded length L that varies (HF towers) are marked dynamic for
+        torch.compile (:func:`~tasks.contrastive.model.text_tokens`): one graph per patch size, not one per (K, L)."""
+        return text_tokens(self.text, texts, device, varying_count=True)
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(K, L) token ids -> L2-normalised query embeddings (K, E) (text tower, then its projection)."""

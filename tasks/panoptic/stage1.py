@@ -25,6 +25,7 @@ import flexivit
 from flexivit.model import Block
 from flexivit.pi_resize import to_2tuple
 from tasks import Task
+from tasks.common.precision import autocast
 from tasks.common.train_state import load_weights, resolve_checkpoint
 
 from .data import build_datasets, evaluate_pq
@@ -134,10 +135,8 @@ class Oracle(nn.Module):
     # ------------------------------------------------------------------ helpers
 
     def _one_hot(self, semantic: torch.Tensor, instance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if semantic.min() < 0 or semantic.max() >= self.num_classes:
-            raise ValueError(f"semantic classes must lie in 0..{self.num_classes - 1}, got {semantic.unique()[:8]}")
-        if instance.min() < -1 or instance.max() >= self.max_instances:
-            raise ValueError(f"instance ids must lie in -1..{self.max_instances - 1}, got {instance.unique()[:8]}")
+        _check_range(semantic, 0, self.num_classes, "semantic classes")
+        _check_range(instance, -1, self.max_instances, "instance ids")
         sem = F.one_hot(semantic, self.num_classes).permute(0, 3, 1, 2).float()
         ins = F.one_hot(instance + 1, self.max_instances + 1)[..., 1:].permute(0, 3, 1, 2).float()  # -1: all zeros
         return sem, ins
@@ -193,13 +192,25 @@ class Oracle(nn.Module):
         return {**self.decode(encoded["quantised"], images), "codes": encoded["codes"]}
 
 
+def _check_range(values: torch.Tensor, low: int, high: int, what: str) -> None:
+    """ValueError unless ``low <= values < high``, without waiting for the device: an asynchronous assert that the
+    CPU evaluates at once and a GPU when it gets there (as a device-side assert; the data pipeline, which builds the
+    maps on the CPU, is where a bad map is caught with its file)."""
+    message = f"{what} must lie in {low}..{high - 1}"
+    try:
+        torch._assert_async((values.min() >= low) & (values.max() < high), message)
+    except RuntimeError as err:
+        raise ValueError(f"{message}, got {values.unique()[:8]}") from err
+
+
 def oracle_loss(logits: dict, semantic: torch.Tensor, instance: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """``(loss, terms)``: the mean per-pixel softmax cross-entropy of the semantic channel (void is class 0) plus that
     of the instance channel (id 0 = in no segment); pixels with a negative instance id are left out of the latter."""
     semantic_ce = F.cross_entropy(logits["semantic"].float(), semantic)
-    instance_ce = F.cross_entropy(logits["instance"].float(), instance.clamp(min=-1), ignore_index=-1)
-    if not (instance >= 0).any():  # every pixel ignored: no instance term (its mean would be 0 / 0)
-        instance_ce = logits["instance"].sum() * 0.0
+    # The mean over the counted pixels as a sum over their count (at least 1): every pixel ignored gives 0, not 0 / 0,
+    # with no test on the host (an ``if`` on a device value would wait for the device at every step).
+    instance_sum = F.cross_entropy(logits["instance"].float(), instance.clamp(min=-1), ignore_index=-1, reduction="sum")
+    instance_ce = instance_sum / (instance >= 0).sum().clamp(min=1)
     return semantic_ce + instance_ce, {"semantic": semantic_ce.detach(), "instance": instance_ce.detach()}
 
 
@@ -257,17 +268,20 @@ def make_loss(config, info, teacher=None):
     return loss
 
 
+@torch.no_grad()
 @flexivit.in_eval_mode
 def evaluate(model: Oracle, val_set, patch_sizes, device, autocast_dtype=None, batch_size: int = 8) -> dict:
-    """The oracle's PQ (the upper bound stage II can reach) at its one patch size, which ``patch_sizes`` must be."""
+    """The oracle's PQ (the upper bound stage II can reach) at its one patch size, which ``patch_sizes`` must be,
+    under the training precision's autocast (``autocast_dtype``; None: float32)."""
     own = (model.patch_size, model.patch_size)
     others = [p for p in patch_sizes if to_2tuple(p) != own]
     if others:
         raise ValueError(f"the stage I oracle runs at its patch size {model.patch_size} only, not {others}")
 
     def predict(images, semantic, instance, patch):
-        encoded = model.encode(images, semantic, instance, update_dict=False)
-        return to_panoptic(model.decode(encoded["quantised"], images))
+        with autocast(torch.device(device), autocast_dtype):
+            encoded = model.encode(images, semantic, instance, update_dict=False)
+            return to_panoptic(model.decode(encoded["quantised"], images))
 
     results = evaluate_pq(predict, val_set, patch_sizes[:1], device, batch_size)
     return results

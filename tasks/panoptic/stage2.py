@@ -19,6 +19,7 @@ import flexivit
 from flexivit.model import FlexiViT, Mlp
 from tasks import Task
 from tasks.common.distributed import unwrap
+from tasks.common.precision import autocast
 from tasks.common.train_state import load_weights, resolve_checkpoint
 
 from . import stage1
@@ -280,13 +281,17 @@ def make_loss(config, info, teacher=None):
     return loss
 
 
+@torch.no_grad()
 @flexivit.in_eval_mode
 def evaluate(model: UViM, val_set, patch_sizes, device, autocast_dtype=None, batch_size: int = 8) -> dict:
-    """PQ at every patch size: codes decoded greedily by stage II, maps by the oracle's decoder."""
-    results = evaluate_pq(
-        lambda images, s, i, patch: model.predict(images, patch), val_set, patch_sizes, device, batch_size
-    )
-    return results
+    """PQ at every patch size: codes decoded greedily by stage II, maps by the oracle's decoder, under the training
+    precision's autocast (``autocast_dtype``; None: float32) like every task's evaluation."""
+
+    def predict(images, semantic, instance, patch):
+        with autocast(torch.device(device), autocast_dtype):
+            return model.predict(images, patch)
+
+    return evaluate_pq(predict, val_set, patch_sizes, device, batch_size)
 
 
 def image_forward(model: UViM):

@@ -6,6 +6,11 @@ factor, summed over processes), and a codeword is the L2-normalised ratio ``sum 
 count falls below ``min_count`` (0.1, about 500 unused steps at 0.995) is dead: the most used code is split into it
 (a copy times U(0.999, 1.001) per dimension, both halves keeping half the count and half the sum), repeated while
 any count is below the threshold. The encoder gets the straight-through gradient.
+
+A training forward never waits for the device: the statistics stay on it (read on logging steps), and whether any
+code can have died is decided from the smallest count of the previous update, copied to the host behind that
+update (a code's count falls by at most the factor ``decay`` per step), so the exact check and its splits run only
+on the steps where a code is within one step of dying.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from torch import nn
 from tasks.common import distributed
 
 SPLIT_PERTURBATION = 1e-3  # the copy of a split code is multiplied by U(1 - p, 1 + p) per dimension
+# The float32 EMA product rounds by ~1e-7 relative; the skip decision keeps this much margin below min_count.
+_FLOOR_MARGIN = 1e-4
 
 
 class VectorQuantizer(nn.Module):
@@ -39,7 +46,24 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("sums", torch.randn(dict_size, dim, generator=generator) / dict_size**0.5)
         self.register_buffer("counts", torch.ones(dict_size))
         self.register_buffer("num_splits", torch.zeros((), dtype=torch.long))
-        self.last_stats: dict[str, float] = {}
+        self._stats: torch.Tensor | None = None  # (max ratio, zeros ratio) of the last update, on the device
+        # (counts tensor, its version, event): the host buffer ``_host`` holds a lower bound on the counts, valid
+        # while the buffer is that tensor at that version (a checkpoint load or any other in-place write bumps it).
+        self._floor: tuple | None = None
+        self._host: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        # The floor is host bookkeeping (an event, a pinned buffer): a copy or a pickle starts without it.
+        return {**self.__dict__, "_floor": None, "_host": None}
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """``codebook_max_ratio`` (the most used code's share of the last batch) and ``codebook_zeros_ratio`` (the
+        share of codes unused in it); reading them waits for the device, so read them on logging steps only."""
+        if self._stats is None:
+            return {}
+        max_ratio, zeros_ratio = self._stats.tolist()
+        return {"codebook_max_ratio": max_ratio, "codebook_zeros_ratio": zeros_ratio}
 
     def codewords(self) -> torch.Tensor:
         """(dict_size, dim): the L2-normalised ``sums / counts``."""
@@ -70,6 +94,7 @@ class VectorQuantizer(nn.Module):
             self.update(x.detach(), codes)
         return quantised, codes
 
+    @torch.compiler.disable  # host-side bookkeeping (the floor's copy and event): eager under torch.compile
     @torch.no_grad()
     def update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """One EMA step from vectors ``x`` (..., dim) assigned to ``codes`` (...), summed over processes."""
@@ -79,13 +104,47 @@ class VectorQuantizer(nn.Module):
         # Every rank applies the same totals, so the dictionaries stay identical without being broadcast.
         counts, sums = distributed.all_reduce_sum(counts), distributed.all_reduce_sum(sums)
         total = counts.sum().clamp(min=1)
-        self.last_stats = {
-            "codebook_max_ratio": float(counts.max() / total),
-            "codebook_zeros_ratio": float((counts == 0).float().mean()),
-        }
+        self._stats = torch.stack([counts.max() / total, (counts == 0).float().mean()])
+        may_die = self._may_have_dead_codes()  # before the writes below, which a foreign write cannot be told from
         self.counts.mul_(self.decay).add_(counts)
         self.sums.mul_(self.decay).add_(sums)
-        self.reseed_dead_codes()
+        if may_die:
+            self.reseed_dead_codes()
+        self._record_floor()
+
+    def _may_have_dead_codes(self) -> bool:
+        """Before an update: False only when no count can fall below ``min_count`` in it, because the previous
+        update's smallest count, decayed once (counts only grow besides the decay), stays above it. Unknown (the
+        first update, a loaded or edited buffer): True, and the exact check runs."""
+        if self._floor is None:
+            return True
+        tensor, version, event = self._floor
+        if tensor is not self.counts or tensor._version != version:
+            return True
+        if event is not None:
+            # Waits at most for the previous step's update, behind which the device has that step's backward
+            # and this step's forward queued: it never runs dry, unlike a read of this update's counts.
+            event.synchronize()
+        floor = float(self._host[1][0])  # a numpy view of the host buffer: no tensor read
+        return floor * self.decay < self.min_count * (1 + _FLOOR_MARGIN)
+
+    def _record_floor(self) -> None:
+        """Copy the smallest count to the host behind this update, without waiting for it (CUDA: into pinned memory,
+        with an event; the CPU: a plain copy). Elsewhere, or without a version counter (inference tensors), nothing
+        is recorded and the exact check runs at every update."""
+        self._floor = None
+        device = self.counts.device.type
+        if device not in ("cpu", "cuda") or self.counts.is_inference():
+            return
+        cuda = device == "cuda"
+        if self._host is None or self._host[2] != cuda:  # one buffer, reused: (tensor, its numpy view, pinned)
+            buffer = torch.empty(1, dtype=self.counts.dtype, pin_memory=cuda)
+            self._host = (buffer, buffer.numpy(), cuda)
+        self._host[0].copy_(self.counts.min().reshape(1), non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self._floor = (self.counts, self.counts._version, event)
 
     @torch.no_grad()
     def reseed_dead_codes(self) -> int:
@@ -120,9 +179,12 @@ def code_dropout(codes: torch.Tensor, mode: str = "none", generator: torch.Gener
         raise ValueError(f"code dropout mode must be 'none', 'prefix' or 'random', got {mode!r}")
     batch, length = codes.shape[:2]
     importance = torch.linspace(1, 0, length + 2, device=codes.device)[1:-1]
-    threshold = torch.rand(batch, 1, generator=generator).to(codes.device)
+    # Drawn where the generator lives (the device's own RNG without one), then copied without waiting.
+    device = generator.device if generator is not None else codes.device
+    threshold = torch.rand(batch, 1, generator=generator, device=device).to(codes.device, non_blocking=True)
     keep = importance[None, :] > threshold  # (B, L)
     if mode == "random":
-        order = torch.rand(batch, length, generator=generator).argsort(-1).to(codes.device)
+        order = torch.rand(batch, length, generator=generator, device=device).argsort(-1)
+        order = order.to(codes.device, non_blocking=True)
         keep = torch.gather(keep, 1, order)
     return codes * keep[..., None].to(codes.dtype)
