@@ -5,6 +5,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import flexivit
 from tasks import TASKS, get_task, load_run
 from tasks.common.precision import autocast_dtype
 from tools import deploy, export, predict, train
-from tools.lib.deployment import BudgetError, choose, pareto_front
+from tools.lib.deployment import BudgetError, backbone_of, choose, pareto_front
 from tools.lib.export import FixedSizeModel, example_input, export_onnx, export_program, load_program
 from tools.lib.profiling import device_description
 
@@ -206,10 +207,12 @@ def test_deploy_measures_on_this_device_and_writes_the_report(classifier_workdir
     rows = choice["rows"]
     assert [row["accuracy"] for row in rows] == list(fake.values())
     assert all(0 < row["latency_ms"] < 1e5 for row in rows)  # measured here, not the CSV's 1e6
+    assert all(row["flexible_ms"] > 0 for row in rows)  # the flexible model, timed beside the deployed one
     assert {row["device"] for row in rows} == {device_description(torch.device("cpu"))}
     assert choice["chosen"]["patch_size"] == 8  # the best within a budget every size meets
     report = (out / "deploy.md").read_text()
     assert device_description(torch.device("cpu")) in report and "Chosen: patch 8" in report
+    assert "of the deployed model (fixed to each patch size, as tools.export writes it)" in report
     assert (out / "front.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "choice.json").read_text())["chosen"]["patch_size"] == 8
 
@@ -227,6 +230,43 @@ def test_deploy_measures_on_this_device_and_writes_the_report(classifier_workdir
         f"No patch size fits**: no patch size meets the budget of 1e-06 ms: the cheapest is patch {cheapest}"
         in (out / "deploy.md").read_text()
     )
+
+
+def _record_timings(monkeypatch) -> list:
+    timed = []
+
+    def measure_throughput(fn, example, warmup, repeats):
+        timed.append(fn)
+        return {"latency_ms": float(len(timed)), "img_per_s": 1e3 / len(timed), "batch_size": len(example)}
+
+    monkeypatch.setattr(deploy, "measure_throughput", measure_throughput)
+    return timed
+
+
+def test_deploy_times_the_model_fixed_to_each_patch_size(monkeypatch):
+    # A deployment runs the model fixed to its patch size (no resize per call), so that is what the budget is held to.
+    timed = _record_timings(monkeypatch)
+    model, cpu = _random_flexivit(), torch.device("cpu")
+    config = SimpleNamespace(data=SimpleNamespace(image_size=48))  # all that measure reads of a config
+    rows = deploy.measure(get_task("classification"), model, config, [16, 8], cpu, precision="fp32", batch=1, repeats=1)
+    assert [type(fn) is FixedSizeModel for fn in timed] == [True, False, True, False]  # deployed, then flexible
+    x = torch.randn(1, 3, 48, 48)
+    for fn, patch in zip(timed[::2], (16, 8), strict=True):
+        assert fn.patch_size == (patch, patch) and fn.image_size == (48, 48)
+        assert backbone_of(fn).patch_embed.base_patch_size == (patch, patch)  # the kernel is stored at p: no resize
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x), model(x, patch_size=patch), atol=1e-5, rtol=1e-5)
+    assert [(r["latency_ms"], r["flexible_ms"]) for r in rows] == [(1.0, 2.0), (3.0, 4.0)]
+
+
+def test_deploy_times_a_task_that_cannot_be_fixed_flexible_once(monkeypatch):
+    timed = _record_timings(monkeypatch)
+    task = dataclasses.replace(get_task("classification"), export_refusal="its forward needs the patch size")
+    config = SimpleNamespace(data=SimpleNamespace(image_size=48))  # all that measure reads of a config
+    rows = deploy.measure(task, _random_flexivit(), config, [16], torch.device("cpu"), precision="fp32", batch=1,
+                          repeats=1)  # fmt: skip
+    assert len(timed) == 1 and not isinstance(timed[0], FixedSizeModel)
+    assert rows[0]["latency_ms"] == rows[0]["flexible_ms"] == 1.0
 
 
 @needs_fashion_mnist

@@ -5,10 +5,13 @@
     python -m tools.deploy --workdir runs/seg --budget-gflops 1.5 --sweep-csv runs/seg/eval/sweep.csv
 
 For every patch size it measures the latency of one batch on this device (median of ``--repeats`` calls, in
-``--precision``), counts GFLOPs, and takes the task metric (computed on the validation set, in fp32 and, for bf16 /
-fp16, in that precision too; or read from a ``tools.eval`` CSV). It prints the Pareto front and the chosen size
-and writes ``deploy.md`` (the report), ``deploy.csv``, ``front.png`` (metric against latency or GFLOPs, the budget
-line) and ``choice.json`` (what ``tools.predict --budget-ms`` reads) into ``<workdir>/deploy``.
+``--precision``) of the model a deployment runs: the task model with its backbone fixed to that patch size
+(``tools.lib.export.FixedSizeModel``, ``flexivit.fix_patch_size`` inside: no resize per call, what ``tools.export``
+writes), and the flexible model's latency beside it (``flexible_ms``); it counts GFLOPs, and takes the task
+metric (computed on the validation set, in fp32 and, for bf16 / fp16, in that precision too; or read from a
+``tools.eval`` CSV). It prints the Pareto front and the chosen size and writes ``deploy.md`` (the report),
+``deploy.csv``, ``front.png`` (metric against latency or GFLOPs, the budget line) and ``choice.json`` (what
+``tools.predict --budget-ms`` reads) into ``<workdir>/deploy``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tasks.common.precision import PRECISIONS, autocast, autocast_dtype
 from tools.arguments import finite_float, positive_float, positive_int
 from tools.eval import DESCRIPTIVE, check_patch_sizes, open_run, primary_metric
 from tools.lib.deployment import BudgetError, backbone_of, choose, pareto_front
+from tools.lib.export import FixedSizeModel
 from tools.lib.profiling import count_gflops_fn, device_description, measure_throughput
 from tools.lib.reporting import markdown_table, write_csv
 
@@ -89,7 +93,12 @@ def read_sweep_metrics(path: str | Path, patch_sizes) -> dict:
 
 
 def measure(task, model, config, patch_sizes, device, *, precision: str, batch: int, repeats: int) -> list[dict]:
-    """One row per patch size: grid, GFLOPs per image, latency (ms per batch) and img/s on ``device``."""
+    """One row per patch size: grid, GFLOPs per image, latency (ms per batch) and img/s on ``device``.
+
+    ``latency_ms`` / ``img_per_s`` are those of the deployed model (:class:`FixedSizeModel`: kernel and position
+    embedding resized once, as exported); ``flexible_ms`` is the flexible model's latency at that size. A task that
+    cannot be fixed at one patch size (its ``export_refusal``) is deployed flexible: both are then the same timing.
+    """
     dtype = autocast_dtype(precision, device)
     size = config.data.image_size
     image_hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -101,8 +110,11 @@ def measure(task, model, config, patch_sizes, device, *, precision: str, batch: 
     for patch in patch_sizes:
         grid = token_grid(image_hw, (patch, patch))
         fn = lambda x, p=patch: forward(x, patch_size=p)  # noqa: E731
+        deployed = fn if task.export_refusal else FixedSizeModel(task, model, patch, image_hw)
         with autocast(device, dtype):
-            speed = measure_throughput(fn, example, warmup=2, repeats=repeats)
+            speed = measure_throughput(deployed, example, warmup=2, repeats=repeats)
+            flexible = speed if deployed is fn else measure_throughput(fn, example, warmup=2, repeats=repeats)
+        del deployed  # a copy of the model per patch size: one at a time
         rows.append(
             {
                 "patch_size": patch,
@@ -110,6 +122,7 @@ def measure(task, model, config, patch_sizes, device, *, precision: str, batch: 
                 "gflops": count_gflops_fn(fn, example[:1]),
                 "latency_ms": speed["latency_ms"],
                 "img_per_s": speed["img_per_s"],
+                "flexible_ms": flexible["latency_ms"],
                 "device": described,
                 "precision": precision,
                 "batch": batch,
@@ -189,7 +202,9 @@ def main(argv=None) -> dict:
                     metrics[patch][f"{key}_fp32"] = value
     for row in rows:
         row.update(metrics[row["patch_size"]])
-    metric = args.metric or primary_metric({k: v for k, v in rows[0].items() if k not in ("device", "batch")})
+    metric = args.metric or primary_metric(
+        {k: v for k, v in rows[0].items() if k not in ("device", "batch", "flexible_ms")}
+    )
     if metric is None:
         raise SystemExit("the task computed no metric to judge by (does its config give validation data?)")
     if metric not in rows[0]:
@@ -222,7 +237,7 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     runtime = time.perf_counter() - started
     percent = [k for k in rows[0] if k.split("_")[0] in ("accuracy", "top5")]  # fractions, shown in % (points)
-    columns = ["patch_size", "grid", "gflops", "latency_ms", "img_per_s"]
+    columns = ["patch_size", "grid", "gflops", "latency_ms", "flexible_ms", "img_per_s"]
     columns += [k for k in rows[0] if k not in columns + ["device", "precision", "batch", "front", "chosen"]]
     columns += ["front", "chosen"]
     table = markdown_table(rows, columns=columns, percent=percent)
@@ -236,7 +251,10 @@ def main(argv=None) -> dict:
         "",
         f"- device: {rows[0]['device']}; precision {args.precision}"
         + (" (autocast)" if dtype is not None else "") + f"; batch {args.batch}",
-        f"- latency: median of {args.repeats} calls per patch size, measured by this run on this device",
+        f"- latency: median of {args.repeats} calls per patch size, measured by this run on this device, of "
+        + (f"the flexible model (this task is not fixed at one patch size: {task.export_refusal})"
+           if task.export_refusal else "the deployed model (fixed to each patch size, as tools.export writes it); "
+           "flexible_ms: the flexible model at that size"),
         f"- {metric}: {source}",
         f"- budget: {what}",
         f"- this report took {runtime:.1f} s to make",
