@@ -1,6 +1,6 @@
 """Loss pieces that several tasks share: mixup, soft-target cross-entropy (distillation), the consistency term.
 
-Each is a small function of explicit arguments; a task's ``train_loss`` composes them from its config.
+Each is a small function of explicit arguments; a task's ``make_loss`` composes them from its config, once.
 """
 
 from __future__ import annotations
