@@ -30,6 +30,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .pi_resize import PI_CACHE, Size
 
@@ -50,6 +51,10 @@ def patch_embed(embed: FlexiPatchEmbed, images: torch.Tensor, patch_size: Size) 
     allocated memory each time (~5,000 page faults per call at patch 48 for S), while at patch 8 its conv is 2x
     slower than the GEMM. Same sums; the FLOP count is that of the conv.
     """
+    if images.device.type != "cpu":
+        # The reasons above are oneDNN's; on a GPU the plain strided conv (cuDNN, timm's path) with the resized
+        # kernel is the computation itself. Not timed here (no GPU yet): tools.gpu_check compares against timm.
+        return F.conv2d(images, embed.resized_weight(patch_size), embed.proj.bias, stride=patch_size)
     (ph, pw), (B, C, H, W) = patch_size, images.shape
     gh, gw = H // ph, W // pw  # a border that the patches do not tile is dropped, as by the strided conv
     patches = images[:, :, : gh * ph, : gw * pw].reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
