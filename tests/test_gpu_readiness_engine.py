@@ -326,3 +326,23 @@ def test_the_engine_evaluates_with_data_num_workers_and_sets_tf32_from_the_confi
                 "train.tf32=False", "eval.patch_sizes=[8]"])  # fmt: skip
     assert seen["eval_loading"] == {"num_workers": 1, "pin_memory": False}  # a CPU run: nothing to pin for
     assert seen["tf32"] == (("fp32",), {"allowed": False})
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_takes_the_same_step(name):
+    # The engine asks for the fused kernels on CUDA (the scaler's inf check then stays on the device); on the CPU,
+    # where torch has them too, the fused step must equal the plain one.
+    from tasks.common.optim import build_optimizer
+
+    steps = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        optimizer = build_optimizer(model, name=name, lr=0.1, weight_decay=0.01, fused=fused)
+        assert optimizer.defaults.get("fused") is (True if fused else None)
+        for _ in range(3):
+            model(torch.ones(2, 8)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        steps[fused] = model.weight.detach().clone()
+    torch.testing.assert_close(steps[True], steps[False], rtol=1e-6, atol=1e-7)

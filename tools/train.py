@@ -216,6 +216,7 @@ def main(argv=None) -> dict:
         momentum=optim_cfg.momentum,
         betas=optim_cfg.betas,
         lr_mults=optim_cfg.lr_mults,
+        fused=device.type == "cuda",
     )
     scheduler = build_scheduler(
         optimizer,
