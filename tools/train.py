@@ -26,9 +26,7 @@ import itertools
 import json
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -56,9 +54,10 @@ from tasks.common.loader import eval_loading, train_loader
 from tasks.common.optim import build_optimizer, build_scheduler, freeze
 from tasks.common.precision import autocast, use_tf32
 from tasks.common.precision import autocast_dtype as dtype_of
-from tasks.common.train_state import latest_checkpoint, load_latest_train_state, resolve_checkpoint, save_train_state
+from tasks.common.train_state import load_latest_train_state, resolve_checkpoint, save_train_state
 from tasks.common.transforms import InputRenormalization, as_value_range
 from tasks.common.writers import MetricWriter
+from tools.lib.guards import CtrlC, StepChecks, device_scalar
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -164,7 +163,7 @@ def accumulate_gradients(net, loss_fn, batch: list[torch.Tensor], accum: int, *,
             (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
         total = loss.detach() / accum if total is None else total + loss.detach() / accum
         for key, value in terms.items():
-            metrics[key] = metrics.get(key, 0.0) + _device_scalar(value, loss).detach().float() / accum
+            metrics[key] = metrics.get(key, 0.0) + device_scalar(value, loss).detach().float() / accum
     return total, metrics
 
 
@@ -323,7 +322,7 @@ def main(argv=None) -> dict:
     checks = StepChecks(device)
     t_last, results, done = time.perf_counter(), {}, start_step
     resume_command = f"python -m tools.train --workdir {workdir} --resume"
-    with _CtrlC(workdir, resume_command) as ctrl_c:
+    with CtrlC(workdir, resume_command) as ctrl_c:
         for step in range(start_step, train_cfg.steps):
             patch = sampler(step)  # the same on every rank: a function of (seed, step) only
             batch = [t.to(device, non_blocking=True) for t in next(batches)]
@@ -339,9 +338,9 @@ def main(argv=None) -> dict:
             # step) and, in a process group, the step and patch size: the paper's "one patch size per step on all
             # ranks", checked as sum over ranks == world x this rank's value (each < 2^12: exact in float32).
             n = len(terms)
-            local = [step_loss.float(), *terms.values(), _device_scalar(float(ctrl_c.requested), step_loss)]
+            local = [step_loss.float(), *terms.values(), device_scalar(float(ctrl_c.requested), step_loss)]
             if distributed.is_initialized():
-                local += [_device_scalar(v, step_loss) for v in (step % 4096, *flexivit.pi_resize.to_2tuple(patch))]
+                local += [device_scalar(v, step_loss) for v in (step % 4096, *flexivit.pi_resize.to_2tuple(patch))]
             local = torch.stack(local)
             summed = distributed.all_reduce_sum(local)
             reduced = summed / world
@@ -426,58 +425,6 @@ def main(argv=None) -> dict:
     return results
 
 
-class StepChecks:
-    """The engine's per-step checks, kept on the device and read on the steps that read values anyway.
-
-    Reading a GPU value (``.item()``, ``if tensor``) waits until the GPU has run all it was given; done every step,
-    the host cannot queue step s+1 while the GPU runs step s. So :meth:`record` only updates device tensors (the first
-    step whose all-reduced loss was non-finite, and that loss; the first step whose step number or patch size
-    differed between processes), and :meth:`read`, on log, evaluation and checkpoint steps, reads them in one go and
-    raises. Since every checkpoint step reads before the update and the save, no checkpoint holds weights updated
-    by a step whose loss was non-finite; the steps between such a step and the next read do run (on NaN weights).
-    """
-
-    def __init__(self, device: torch.device):
-        self.bad_step = torch.full((), -1.0, dtype=torch.float64, device=device)  # -1: none yet
-        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.mismatch_step = torch.full((), -1.0, dtype=torch.float64, device=device)
-        self.patches: dict[int, object] = {}  # step -> patch size, since the last read (host values, for the message)
-
-    def record(self, step: int, patch, loss: torch.Tensor, mismatch: torch.Tensor | None) -> None:
-        """Note step ``step``'s all-reduced ``loss`` and whether the processes disagreed (None: one process)."""
-        self.patches[step] = patch
-        first = ~torch.isfinite(loss) & (self.bad_step < 0)
-        self.bad_step = torch.where(first, step, self.bad_step)
-        self.bad_loss = torch.where(first, loss.double(), self.bad_loss)
-        if mismatch is not None:
-            self.mismatch_step = torch.where(mismatch & (self.mismatch_step < 0), step, self.mismatch_step)
-
-    def read(self, step: int, *, stop_flag: torch.Tensor, workdir: Path) -> bool:
-        """Raise on a non-finite loss or a disagreement since the last read; else whether any rank got Ctrl-C."""
-        bad_step, bad_loss, mismatch_step, stop = torch.stack(
-            [self.bad_step, self.bad_loss, self.mismatch_step, stop_flag.double()]
-        ).tolist()
-        patches, self.patches = self.patches, {}
-        if mismatch_step >= 0:
-            raise RuntimeError(
-                f"the step or the patch size differs between processes from step {int(mismatch_step)} on: rank "
-                f"{distributed.rank()} trained step {int(mismatch_step)} at patch size {patches[int(mismatch_step)]}"
-            )
-        if bad_step >= 0:
-            bad_step = int(bad_step)
-            ran = (
-                "stopped before updating the weights"
-                if bad_step == step
-                else f"steps {bad_step}-{step - 1} updated the weights (the loss is read on log and checkpoint steps "
-                f"only); stopped before step {step}'s update and before any checkpoint"
-            )
-            raise FloatingPointError(
-                f"non-finite loss {bad_loss} at step {bad_step} (patch size {patches[bad_step]}); {ran}. "
-                f"Last good checkpoint: {latest_checkpoint(workdir) or 'none yet'}"
-            )
-        return stop > 0
-
-
 class MemoryCheckError(ValueError):
     """The most expensive patch size does not fit in the device's memory at this batch size (see memory_check)."""
 
@@ -523,13 +470,6 @@ def _memory_check_on(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
-def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
-    """A float32 scalar on ``like``'s device: a fill kernel, not a copy from host memory (which waits for the GPU)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(like.device)
-    return torch.full((), value, dtype=torch.float32, device=like.device)
-
-
 def check_engine_settings(config: Config, world: int, device: torch.device) -> None:
     """What the config asks of this machine and process group, checked before the first write."""
     if config.train.precision == "fp16" and device.type != "cuda":
@@ -539,39 +479,6 @@ def check_engine_settings(config: Config, world: int, device: torch.device) -> N
             f"train.batch_size {config.train.batch_size} must divide into {world} process(es) x optim.accum_steps "
             f"{config.optim.accum_steps} equal micro-batches"
         )
-
-
-class _CtrlC:
-    """Ctrl-C ends training at the end of the current step, with a checkpoint there and the command that resumes;
-    a second Ctrl-C stops at once (the last checkpoint is then the previous one). Only the main thread can handle
-    signals, so elsewhere (a library caller's thread) Ctrl-C keeps Python's default."""
-
-    def __init__(self, workdir: Path, resume_command: str):
-        self.workdir, self.resume_command, self.requested, self._previous = workdir, resume_command, False, None
-
-    def __enter__(self) -> _CtrlC:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once)", flush=True)
-
-    def stopped(self, step: int, steps: int) -> None:
-        self._exit(f"stopped by Ctrl-C after step {step} of {steps}; checkpoint {latest_checkpoint(self.workdir)}")
-
-    def _exit(self, what: str) -> None:
-        print(f"{what}. Resume with: {self.resume_command}", file=sys.stderr, flush=True)
-        raise SystemExit(130)  # the shell's code for a process ended by SIGINT
-
-    def __exit__(self, kind, error, traceback) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        if kind is KeyboardInterrupt:
-            self._exit(f"stopped at once by a second Ctrl-C; last checkpoint {latest_checkpoint(self.workdir)}")
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
