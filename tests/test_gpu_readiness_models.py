@@ -10,12 +10,13 @@ import shutil
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 from torchvision.ops import generalized_box_iou
 
 import flexivit
 from tasks.contrastive.model import HFTextTower, ImageTextModel, build_text_tower, minilm_path
 from tasks.detection import losses, make_loss
-from tasks.detection.losses import detection_loss, match, match_batch
+from tasks.detection.losses import detection_loss, match_batch
 from tasks.detection.model import OwlViT
 from tasks.panoptic.vq import VectorQuantizer
 
@@ -177,12 +178,18 @@ def random_batch(seed: int, B=4, N=30, Q=6, M=7):
     return logits, pred, tgt, box_valid, labels, query_valid
 
 
-def per_image_match(logits, pred, tgt, box_valid, labels, query_valid, **kwargs):
-    """The matching as it ran before issue 26: each image's logits to the host, one image at a time."""
+def per_image_match(logits, pred, tgt, box_valid, labels, query_valid, alpha=0.3, gamma=2.0, weights=None):
+    """The matching as it ran before issue 26, kept here as the reference: each image's logits to the host, its
+    invalid query slots indexed away (not masked), one image at a time."""
+    w = {**losses.DEFAULT_WEIGHTS, **(weights or {})}
     out = []
     for b in range(len(logits)):
         valid = box_valid[b].nonzero().squeeze(1)
-        rows, cols = match(logits[b], pred[b], tgt[b, valid], labels[b, valid], query_valid[b], **kwargs)
+        q = query_valid[b]
+        x, lab = logits[b].detach().double()[:, q], labels[b, valid].double()[:, q]
+        cost = losses._cost(x, lab, pred[b].detach().double(), tgt[b, valid].double(), alpha, gamma, w)
+        rows, cols = linear_sum_assignment(cost.numpy())
+        rows, cols = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
         out.append(torch.stack([torch.full_like(rows, b), rows, valid[cols]]))
     return torch.cat(out, dim=1)
 

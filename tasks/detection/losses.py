@@ -89,19 +89,15 @@ def matching_cost(
     gamma: float = 2.0,
     weights: dict | None = None,
 ) -> torch.Tensor:
-    """The (N, M) Hungarian cost of assigning prediction i to target j, in float64 on the CPU, without gradients.
+    """The (N, M) Hungarian cost of assigning prediction i to target j, in float64 on the CPU, without gradients:
+    :func:`batch_matching_cost` of a batch of one.
 
     cost = w_class * class + w_l1 * L1(cxcywh, summed over the 4 coordinates) - w_giou * GIoU(xyxy). The class cost
     is DETR's / OWL-ViT's focal-style one: for each query label q that target j has (and that is a valid query),
     ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` with ``p = sigmoid(logits[i, q])``, summed over q.
     """
-    w = {**DEFAULT_WEIGHTS, **(weights or {})}
-    with torch.no_grad():
-        x = logits.detach().to("cpu", torch.float64)[:, query_valid.cpu()]  # (N, Qv)
-        labels = tgt_labels.detach().to("cpu", torch.float64)[:, query_valid.cpu()]  # (M, Qv)
-        pred = pred_boxes.detach().to("cpu", torch.float64)
-        tgt = tgt_boxes.detach().to("cpu", torch.float64)
-        return _cost(x, labels, pred, tgt, alpha, gamma, w)
+    one = (t[None] for t in (logits, pred_boxes, tgt_boxes, tgt_labels, query_valid))
+    return batch_matching_cost(*one, alpha=alpha, gamma=gamma, weights=weights)[0].cpu()
 
 
 def batch_matching_cost(
@@ -119,8 +115,7 @@ def batch_matching_cost(
 
     logits (B, N, Q), pred_boxes (B, N, 4), tgt_boxes (B, M, 4) padded, tgt_labels (B, M, Q), query_valid (B, Q).
     An invalid query slot adds exactly 0 to the class cost (masked, whatever its logit), so column j of image b
-    holds the cost that :func:`matching_cost` gives that image's target j up to float64 rounding (the sum over the
-    queries runs over the padded slots too). Padding target rows get a cost too: the caller leaves them out.
+    holds that image's cost of target j. Padding target rows get a cost too: the caller leaves them out.
     """
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     with torch.no_grad():
@@ -145,24 +140,14 @@ def match(
 
     logits (N, Q), pred_boxes (N, 4) and tgt_boxes (M, 4) cxcywh, tgt_labels (M, Q) multi-hot, query_valid (Q,)
     bool. The assignment minimises :func:`matching_cost` (scipy ``linear_sum_assignment``). No targets: empty.
+    :func:`match_batch` of a batch of one, every target valid.
     """
-    device = logits.device
-    if tgt_boxes.shape[0] == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty.clone()
-    cost = matching_cost(
-        logits, pred_boxes, tgt_boxes, tgt_labels, query_valid, alpha=alpha, gamma=gamma, weights=weights
+    box_valid = torch.ones(1, tgt_boxes.shape[0], dtype=torch.bool, device=logits.device)
+    one = (t[None] for t in (logits, pred_boxes, tgt_boxes))
+    _, rows, cols = match_batch(
+        *one, box_valid, tgt_labels[None], query_valid[None], alpha=alpha, gamma=gamma, weights=weights
     )
-    if not torch.isfinite(cost).all():
-        raise ValueError(
-            "the matching cost has non-finite entries: predicted or target boxes contain NaN / inf, or a target box "
-            f"has zero area (targets {tgt_boxes.tolist()})"
-        )
-    rows, cols = linear_sum_assignment(cost.numpy())
-    return (
-        torch.as_tensor(np.asarray(rows), dtype=torch.long, device=device),
-        torch.as_tensor(np.asarray(cols), dtype=torch.long, device=device),
-    )
+    return rows, cols
 
 
 def match_batch(
@@ -178,7 +163,7 @@ def match_batch(
     weights: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hungarian matching of a batch: ``(batch_idx, pred_idx, tgt_idx)`` int64 on ``logits``' device, image by image
-    the pairs that :func:`match` gives on that image's valid targets (``tgt_idx`` indexes the padded M rows).
+    the assignment that minimises the cost of that image's valid targets (``tgt_idx`` indexes the padded M rows).
 
     logits (B, N, Q), pred_boxes (B, N, 4), tgt_boxes (B, M, 4), box_valid (B, M), tgt_labels (B, M, Q),
     query_valid (B, Q). The costs of all images are computed on the device (:func:`batch_matching_cost`) and
